@@ -1,0 +1,96 @@
+"""Find, check and load DiffusionGemma checkpoints (Hugging Face or MLX layout).
+
+Only safetensors and JSON are read; nothing in a checkpoint is executed.
+"""
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Tuple
+
+from mlx_lm.utils import load_model as _mlx_lm_load_model
+from mlx_lm.utils import load_tokenizer
+
+from .model import MODEL_TYPE, Model, ModelArgs
+
+# What a checkpoint download needs: weights, configs, tokenizer and chat template.
+ALLOW_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, with a message meant for people."""
+
+
+def resolve_model_path(path_or_repo: str, revision: str = None) -> Path:
+    """A local directory as is; otherwise a Hugging Face repo id, from the local
+    cache when it is there and downloaded when not."""
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is not a directory")
+        return path
+    if path_or_repo.startswith((".", "/", "~")) or path_or_repo.count("/") != 1:
+        raise CheckpointError(f"{path_or_repo}: no such directory, and not a Hugging Face repo id")
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(path_or_repo, revision=revision,
+                                      allow_patterns=ALLOW_PATTERNS, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    try:
+        return Path(snapshot_download(path_or_repo, revision=revision, allow_patterns=ALLOW_PATTERNS))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise CheckpointError(
+            f"{path_or_repo} is not in the Hugging Face cache and could not be downloaded "
+            f"({type(e).__name__}); download it with `hf download {path_or_repo}` on a "
+            "machine with network access, or pass a local directory"
+        ) from None
+
+
+def read_config(path: Path) -> Dict[str, Any]:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path} has no config.json")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file} is not valid JSON ({e})") from None
+    model_type = config.get("model_type")
+    if model_type != MODEL_TYPE:
+        raise CheckpointError(
+            f"{path} holds a {model_type!r} model, not a DiffusionGemma ({MODEL_TYPE!r}) checkpoint"
+        )
+    if not list(path.glob("model*.safetensors")):
+        raise CheckpointError(f"{path} has no model*.safetensors weights")
+    return config
+
+
+def load_model(path: Path, lazy: bool = False) -> Tuple[Model, Dict[str, Any]]:
+    """The model and its config from a local checkpoint directory."""
+    read_config(path)
+    try:
+        model, config = _mlx_lm_load_model(
+            path, lazy=lazy, get_model_classes=lambda config: (Model, ModelArgs)
+        )
+    except ValueError as e:
+        # mlx's load_weights lists missing or unexpected parameters here.
+        raise CheckpointError(f"{path}: weights do not match the config: {_first_line(e)}") from None
+    except Exception as e:  # corrupt or truncated safetensors surface as RuntimeError/OSError
+        raise CheckpointError(f"{path}: cannot read the weights: {_first_line(e)}") from None
+    return model, config
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def load(path_or_repo: str, revision: str = None, lazy: bool = False) -> Tuple[Model, Any]:
+    """Load a DiffusionGemma checkpoint: ``model, tokenizer = load("path/or/repo")``."""
+    path = resolve_model_path(str(path_or_repo), revision)
+    model, config = load_model(path, lazy=lazy)
+    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    return model, tokenizer
+
