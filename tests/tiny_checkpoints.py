@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion, PreTrainedTokenizerFast
 
 _ROPE = {
     "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
@@ -37,6 +38,34 @@ CONFIGS = {
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
     ),
 }
+
+
+# Gemma 4's special tokens at their real ids (all below the tiny vocab sizes).
+SPECIAL_TOKENS = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 48: "<|tool_call>", 49: "<tool_call|>",
+                  50: "<|tool_response>", 100: "<|channel>", 101: "<channel|>", 105: "<|turn>",
+                  106: "<turn|>", 107: "\n"}
+_CHARS = list("\u2581abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-:;()")
+# Gemma 4's non-thinking chat format, reduced to what the tiny vocabulary can spell.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ m['content'] }}<turn|>\n{% endfor %}{% if add_generation_prompt %}<|turn>model\n"
+    "{% if not enable_thinking %}<|channel>thought\n<channel|>{% endif %}{% endif %}"
+)
+
+
+def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over ``vocab_size`` ids with Gemma 4's special ids."""
+    vocab, chars = {}, iter(_CHARS)
+    for i in range(vocab_size):
+        token = SPECIAL_TOKENS.get(i) or next(chars, None) or f"<unused{i}>"
+        vocab[token] = i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="never")
+    specials = [t for i, t in SPECIAL_TOKENS.items() if t != "\n"]
+    tok.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>", chat_template=CHAT_TEMPLATE)
 
 
 def build_model(config: str = "two_layer", seed: int = 0, canvas_length: int = 8, **overrides):
@@ -72,6 +101,7 @@ def write_checkpoint(out: Path, config: str = "two_layer", dtype: str = "float32
     model = model.to(getattr(torch, dtype))
     out = Path(out)
     model.save_pretrained(out)
+    build_tokenizer(model.config.text_config.vocab_size).save_pretrained(out)
     if generation_config is not None:
         (out / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
     return out

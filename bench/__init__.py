@@ -1,0 +1,1 @@
+"""`mlxdg bench`: block diffusion versus autoregressive decoding, measured side by side."""

@@ -1,0 +1,1 @@
+"""`mlxdg convert`: Hugging Face DiffusionGemma checkpoints to MLX, quantized."""
