@@ -37,6 +37,13 @@ CONFIGS = {
         sliding_window=6,
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
     ),
+    # Every matrix's input width is a multiple of 64, so all of them quantize at group size 32 or 64.
+    "quantizable": dict(
+        vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        global_head_dim=32, num_global_key_value_heads=1, num_experts=8, top_k_experts=2,
+        sliding_window=6, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+    ),
 }
 
 
