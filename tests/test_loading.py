@@ -128,3 +128,15 @@ def test_unknown_repo_offline_says_how_to_get_it(monkeypatch, tmp_path):
 def test_missing_local_path_is_not_mistaken_for_a_repo():
     with pytest.raises(CheckpointError, match="no such directory"):
         resolve_model_path("./does/not/exist")
+
+
+def test_sharded_checkpoint_with_index_loads(make_checkpoint, tmp_path):
+    """Google publishes the weights as several shards plus model.safetensors.index.json."""
+    from tiny_checkpoints import build_model
+
+    out = tmp_path / "sharded"
+    build_model("four_layer").save_pretrained(out, max_shard_size="40KB")
+    assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").exists()
+    single, _ = load_model(make_checkpoint("four_layer"))
+    sharded, _ = load_model(out)
+    np.testing.assert_array_equal(logits_of(single), logits_of(sharded))
