@@ -1,0 +1,161 @@
+"""Memory planning: what fits in the device's memory before anything is allocated.
+
+A denoising step reads nearly every weight whatever the batch, so throughput
+comes from denoising several canvases at once. What limits that is memory:
+each canvas needs its logits ([canvas, vocab] float32, 268 MB for the real
+model) and the sampler's working copies of them, and each prompt its KV cache.
+"""
+
+import json
+import os
+import re
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import mlx.core as mx
+
+from .model import VISION_PREFIXES, ModelArgs
+
+GiB = 1 << 30
+
+# Live [canvas, vocab] float32 buffers at the peak of one self-conditioned
+# ``Model.denoise``, measured with mx.get_peak_memory() on the small synthetic
+# models of tests/test_memory.py. Change it when that code path changes.
+LOGIT_BUFFERS_PER_CANVAS = 1.15
+
+# What the CPU backend leaves to the OS and other programs.
+CPU_RESERVE_FRACTION = 0.15
+CPU_MIN_RESERVE = 2 * GiB
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2,
+                "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+class InsufficientMemory(RuntimeError):
+    """A request that cannot fit, said in one line before anything large is allocated."""
+
+
+def parse_size(text) -> int:
+    """Bytes from ``1073741824``, ``"16GB"``, ``"16GiB"``, ``"1.5G"`` or ``"512MB"``."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", str(text))
+    if not match:
+        raise ValueError(f"not a memory size: {text!r} (try 16GB or 512MB)")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    return int(number * 1024 ** " KMGT".index(unit or " "))
+
+
+def physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def device_budget(limit=None) -> int:
+    """Bytes this process may use on the default device: ``limit`` when given;
+    Metal's recommended working set on a Mac GPU; the device's memory where
+    MLX reports it (CUDA); physical RAM less a reserve on the CPU."""
+    if limit is not None:
+        return parse_size(limit)
+    info = mx.device_info() if mx.default_device() == mx.gpu else {}
+    for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
+        if info.get(key):
+            return int(info[key])
+    total = physical_memory()
+    return total - max(int(total * CPU_RESERVE_FRACTION), CPU_MIN_RESERVE)
+
+
+def checkpoint_weight_bytes(path: Path) -> int:
+    """Bytes of the text weights in a checkpoint, from the safetensors headers alone."""
+    total = 0
+    for file in sorted(Path(path).glob("model*.safetensors")):
+        with open(file, "rb") as f:
+            (header_size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_size))
+        for name, entry in header.items():
+            if name == "__metadata__" or name.startswith(VISION_PREFIXES):
+                continue
+            start, end = entry["data_offsets"]
+            total += end - start
+    return total
+
+
+def kv_bytes(args: ModelArgs, context: int, dtype_bytes: int) -> int:
+    """KV cache of one sequence of ``context`` encoded tokens."""
+    total = 0
+    for layer_type in args.layer_types:
+        if layer_type == "sliding_attention":
+            positions = min(context, args.sliding_window - 1)
+            heads, dims = args.num_key_value_heads, args.head_dim
+        else:
+            positions = -(-context // 256) * 256  # mlx-lm's KVCache grows in steps of 256
+            heads, dims = args.num_global_key_value_heads or args.num_key_value_heads, args.global_head_dim
+        total += 2 * positions * heads * dims * dtype_bytes
+    return total
+
+
+def canvas_bytes(args: ModelArgs, context: int, dtype_bytes: int) -> int:
+    """Peak working memory of one canvas in a denoising step, besides weights and cache."""
+    L = args.canvas_length
+    logits = LOGIT_BUFFERS_PER_CANVAS * L * args.vocab_size * 4
+    # Attention scores over [cache; canvas] (the CPU backend materialises them) and
+    # the routed experts' intermediate activations, for the widest layer.
+    attention = args.num_attention_heads * L * (context + L) * 4
+    experts = L * args.top_k_experts * 3 * args.moe_intermediate_size * dtype_bytes
+    return int(logits + attention + experts)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    budget: int
+    weights: int
+    kv_per_prompt: int
+    per_canvas: int
+
+    @property
+    def max_canvases(self) -> int:
+        """Canvases that can be denoised together, each with its prompt's cache."""
+        free = self.budget - self.weights
+        return max(free // (self.kv_per_prompt + self.per_canvas), 0)
+
+    def require(self, canvases: int = 1) -> None:
+        if self.max_canvases >= canvases:
+            return
+        need = self.weights + canvases * (self.kv_per_prompt + self.per_canvas)
+        raise InsufficientMemory(
+            f"needs about {need / GiB:.1f} GiB ({self.weights / GiB:.1f} GiB weights, "
+            f"{canvases} x {(self.kv_per_prompt + self.per_canvas) / GiB:.2f} GiB per canvas) but "
+            f"{self.budget / GiB:.1f} GiB is available; use a smaller quantization, fewer prompts "
+            "at once, or --memory-limit if more memory is really free"
+        )
+
+
+def plan(args: ModelArgs, weight_bytes: int, context: int, dtype_bytes: int = 2, budget: Optional[int] = None) -> MemoryPlan:
+    """The plan for sequences of up to ``context`` tokens (prompt plus generated)."""
+    return MemoryPlan(
+        budget=device_budget() if budget is None else budget,
+        weights=weight_bytes,
+        kv_per_prompt=kv_bytes(args, context, dtype_bytes),
+        per_canvas=canvas_bytes(args, context, dtype_bytes),
+    )
+
+
+def wire_weights(weight_bytes: int) -> None:
+    """On a Mac GPU, keep the weights wired (as mlx-lm does) so macOS does not page them out."""
+    if not (mx.default_device() == mx.gpu and mx.metal.is_available()):
+        return
+    recommended = mx.device_info().get("max_recommended_working_set_size")
+    if recommended is None:
+        return
+    if weight_bytes > 0.9 * recommended:
+        print(f"[mlxdg] the weights ({weight_bytes / GiB:.1f} GiB) are close to the GPU's working set "
+              f"({recommended / GiB:.1f} GiB); generation may be slow", file=sys.stderr)
+    mx.set_wired_limit(recommended)
+
+
+def largest_context(prompt_lengths: Iterable[int], max_new_tokens: int, canvas_length: int) -> int:
+    """Tokens in the cache at the last block: the prompt plus every committed block."""
+    blocks = -(-max_new_tokens // canvas_length)
+    return max(prompt_lengths) + (blocks - 1) * canvas_length

@@ -1,0 +1,88 @@
+"""The memory planner's forecasts against what MLX actually allocates."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from mlx_diffgemma.loader import load_model
+from mlx_diffgemma.memory import (InsufficientMemory, checkpoint_weight_bytes, device_budget, kv_bytes,
+                                  parse_size, plan)
+from mlx_diffgemma.model import Model, ModelArgs
+
+SMALL = ModelArgs(vocab_size=16384, hidden_size=128, intermediate_size=192, moe_intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                  global_head_dim=64, num_global_key_value_heads=1, num_experts=8, top_k_experts=2,
+                  sliding_window=128, layer_types=["sliding_attention", "full_attention"], canvas_length=128)
+
+
+def test_parse_size():
+    assert parse_size("16GB") == parse_size("16GiB") == parse_size("16g") == 16 << 30
+    assert parse_size("512MB") == 512 << 20 and parse_size(1234) == 1234
+    with pytest.raises(ValueError, match="not a memory size"):
+        parse_size("lots")
+
+
+def test_budget_override_and_cpu_default():
+    assert device_budget("3GB") == 3 << 30
+    assert 0 < device_budget() < __import__("os").sysconf("SC_PAGE_SIZE") * __import__("os").sysconf("SC_PHYS_PAGES")
+
+
+def test_weight_bytes_from_headers_match_the_loaded_model(make_checkpoint):
+    checkpoint = make_checkpoint("four_layer")
+    model, _ = load_model(checkpoint)
+    loaded = sum(v.nbytes for _, v in nn.utils.tree_flatten(model.parameters()))
+    assert checkpoint_weight_bytes(checkpoint) == loaded  # vision weights are not counted
+
+
+@pytest.mark.parametrize("context", [5, 127, 300, 700])
+def test_kv_forecast_is_exact(context):
+    model = Model(SMALL)
+    cache = model.make_cache()
+    model.encode(mx.zeros((1, context), dtype=mx.int32), cache)
+    stored = sum(c.keys.nbytes + c.values.nbytes for c in cache)
+    assert kv_bytes(SMALL, context, 4) == stored
+
+
+@pytest.mark.parametrize("batch", [1, 2, 4])
+@pytest.mark.parametrize("prompt", [16, 300])
+def test_step_peak_forecast_within_25_percent(batch, prompt):
+    model = Model(SMALL)
+    mx.eval(model.parameters())
+    weights = sum(v.nbytes for _, v in nn.utils.tree_flatten(model.parameters()))
+    cache = model.make_cache()
+    model.encode(mx.zeros((batch, prompt), dtype=mx.int32), cache)
+    canvas = mx.zeros((batch, SMALL.canvas_length), dtype=mx.int32)
+    first = model.denoise(canvas, cache)
+    mx.eval(first)
+    processed = first / 0.7
+    mx.eval(processed)
+    del first
+    forecast = plan(SMALL, weights, prompt, dtype_bytes=4, budget=1 << 40)
+    mx.synchronize()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    resident = mx.get_active_memory()
+    mx.eval(model.denoise(canvas, cache, processed))
+    measured = mx.get_peak_memory() - resident
+    expected = batch * forecast.per_canvas
+    print(f"batch {batch} prompt {prompt}: measured {measured / 1e6:.1f} MB, forecast {expected / 1e6:.1f} MB")
+    assert 0.75 * measured <= expected <= 1.25 * measured
+
+
+def test_real_model_forecast_by_hand():
+    """26B-A4B, bf16 KV, 4096 tokens of context."""
+    real = plan(ModelArgs(), weight_bytes=14 << 30, context=4096, budget=16 << 30)
+    sliding = 25 * 2 * 1023 * 8 * 256 * 2  # 25 layers keep 1023 positions of 8 heads x 256
+    full = 5 * 2 * 4096 * 2 * 512 * 2  # 5 layers keep all 4096 of 2 heads x 512
+    assert real.kv_per_prompt == sliding + full == 293_396_480
+    logits = 256 * 262144 * 4
+    assert 1.1 * logits < real.per_canvas < 1.5 * logits
+    assert real.max_canvases == (2 << 30) // (real.kv_per_prompt + real.per_canvas)
+
+
+def test_impossible_request_fails_before_allocating():
+    real = plan(ModelArgs(), weight_bytes=14 << 30, context=4096, budget=16 << 30)
+    with pytest.raises(InsufficientMemory, match="needs about .* GiB .* but 16.0 GiB is available"):
+        real.require(canvases=real.max_canvases + 1)
+    with pytest.raises(InsufficientMemory):
+        plan(ModelArgs(), weight_bytes=50 << 30, context=512, budget=24 << 30).require()
