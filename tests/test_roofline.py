@@ -51,3 +51,13 @@ def test_m4_max_roofline():
 def test_crossover_definition():
     # AR at 100 tok/s makes a 256-token block in 2.56 s; 60 ms commit + s x 100 ms steps ties at s = 25.
     assert crossover_steps(100, 0.1, 0.06) == pytest.approx(25.0)
+
+
+def test_machine_probe_measures_this_device():
+    from mlx_diffgemma.bench.probe import matmul_throughput, memory_bandwidth, probe
+
+    assert memory_bandwidth(megabytes=8, repeats=2) > 1e8
+    assert matmul_throughput(64, 128, repeats=2) > 1e7
+    result = probe(hidden=128, rows=32, quantized_bits=(4,)).to_dict()
+    assert result["versions"]["mlx"] != "not installed" and result["memory_bytes"] > 0
+    assert set(result["quantized_flops"]) == {4}
