@@ -7,6 +7,7 @@ see, and it is exactly what the reference decoder attends to besides the
 canvas. Keeping ``window`` positions instead changes the logits.
 """
 
+import copy
 from typing import List, Optional, Tuple
 
 import mlx.core as mx
@@ -70,3 +71,87 @@ class SlidingWindowCache(_BaseCache):
 def cached_length(cache: List[_BaseCache]) -> int:
     """Positions encoded so far (the position of the next token)."""
     return cache[0].offset
+
+
+def take_rows(cache: List[_BaseCache], rows: mx.array) -> List[_BaseCache]:
+    """A copy of ``cache`` holding only batch ``rows``; ``cache`` is left as it is."""
+    taken = []
+    for c in cache:
+        c = copy.copy(c)
+        if c.keys is not None:
+            c.keys, c.values = c.keys[rows], c.values[rows]
+        taken.append(c)
+    return taken
+
+
+class _BatchedLayer:
+    """One layer of a BatchedContext, with the interface the attention layer uses."""
+
+    def __init__(self, keys, values, row_caches):
+        self.keys, self.values, self.row_caches = keys, values, row_caches
+
+    def context(self):
+        return None if self.keys is None else (self.keys, self.values)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        """Append each row's new keys and values to that row's own cache, and
+        return the padded context followed by the new positions."""
+        for row, cache in enumerate(self.row_caches):
+            cache.update_and_fetch(keys[row : row + 1], values[row : row + 1])
+        if self.keys is None:
+            return keys, values
+        return mx.concatenate([self.keys, keys], axis=2), mx.concatenate([self.values, values], axis=2)
+
+
+class BatchedContext:
+    """The caches of several sequences side by side for one block.
+
+    Each sequence keeps its own cache (batch 1); here every layer's kept keys
+    and values are left-padded to the longest row and stacked, once per block,
+    so that all the block's denoising steps (and its commit) run as one batch.
+    ``valid[l]`` marks the real positions; RoPE uses each row's own offset,
+    so padding never changes a row's result.
+    """
+
+    def __init__(self, row_caches: List[List[_BaseCache]]):
+        self.row_caches = row_caches
+        self.offsets = mx.array([row[0].offset for row in row_caches])
+        self.layers, self.valid = [], []
+        for layer in range(len(row_caches[0])):
+            caches = [row[layer] for row in row_caches]
+            contexts = [c.context() for c in caches]
+            lengths = [0 if c is None else c[0].shape[2] for c in contexts]
+            longest = max(lengths)
+            if longest == 0:
+                self.layers.append(_BatchedLayer(None, None, caches))
+                self.valid.append(None)
+                continue
+            keys, values = zip(*[self._left_pad(c, contexts, longest) for c in contexts])
+            self.layers.append(_BatchedLayer(mx.concatenate(keys), mx.concatenate(values), caches))
+            padding = mx.array([longest - n for n in lengths])
+            self.valid.append(None if not any(longest - n for n in lengths)
+                              else mx.arange(longest)[None] >= padding[:, None])
+
+    @staticmethod
+    def _left_pad(context, contexts, length):
+        if context is None:
+            template = next(c for c in contexts if c is not None)
+            shape = (1, template[0].shape[1], length)
+            return (mx.zeros(shape + template[0].shape[3:], template[0].dtype),
+                    mx.zeros(shape + template[1].shape[3:], template[1].dtype))
+        pad = length - context[0].shape[2]
+        if pad == 0:
+            return context
+        width = [(0, 0), (0, 0), (pad, 0), (0, 0)]
+        return mx.pad(context[0], width), mx.pad(context[1], width)
+
+    def __len__(self):
+        return len(self.row_caches)
+
+    def padding_mask(self, layer: int, new_positions: int):
+        """[B, 1, 1, context + new] keep-mask, or None when no row is padded."""
+        valid = self.valid[layer]
+        if valid is None:
+            return None
+        new = mx.ones((valid.shape[0], new_positions), dtype=mx.bool_)
+        return mx.concatenate([valid, new], axis=1)[:, None, None, :]

@@ -22,7 +22,7 @@ from mlx_lm.models.gemma4_text import RMSNormNoScale, Router, geglu, logit_softc
 from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
-from .cache import FullAttentionCache, SlidingWindowCache
+from .cache import BatchedContext, FullAttentionCache, SlidingWindowCache
 
 MODEL_TYPE = "diffusion_gemma"
 
@@ -131,6 +131,12 @@ class Experts(nn.Module):
         self.down_proj = SwitchLinear(width, args.hidden_size, args.num_experts, bias=False)
 
     def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        dtype = x.dtype
+        dense = isinstance(self.gate_up_proj, SwitchLinear) or isinstance(self.down_proj, SwitchLinear)
+        if dense and dtype != mx.float32 and mx.default_device().type == mx.cpu:
+            # The CPU backend's GatherMM is float32 only; the loader has stored
+            # these weights as float32 there, so only the activations convert.
+            x = x.astype(mx.float32)
         x = mx.expand_dims(x, (-2, -3))
         # Many (token, expert) pairs: group them by expert for contiguous weight reads.
         do_sort = indices.size >= 64
@@ -142,7 +148,7 @@ class Experts(nn.Module):
         if do_sort:
             y = _scatter_unsort(y, inv_order, indices.shape)
         y = y.squeeze(-2)
-        return (y * mx.expand_dims(weights, -1).astype(y.dtype)).sum(axis=-2)
+        return (y * mx.expand_dims(weights, -1).astype(y.dtype)).sum(axis=-2).astype(dtype)
 
 
 class Attention(nn.Module):
@@ -326,29 +332,38 @@ class Model(nn.Module):
         scale = mx.array(math.sqrt(self.args.hidden_size), dtype=_embedding_dtype(embedding))
         return embedding(ids) * scale
 
-    def encode(self, ids: mx.array, cache: list, chunk_size: int = 2048) -> None:
+    def encode(self, ids: mx.array, cache, chunk_size: int = 2048) -> None:
         """Causally encode ``ids`` [B, S] and append them to ``cache``.
 
-        Long inputs are encoded ``chunk_size`` tokens at a time so that the
-        attention scores of a long prompt never need to exist all at once.
+        ``cache`` is a list of layer caches, or a ``BatchedContext`` whose rows
+        each receive their own row of ``ids`` (the context is stale afterwards).
+        Long inputs to a plain cache are encoded ``chunk_size`` tokens at a time
+        so that the attention scores of a long prompt never exist all at once.
         """
+        if isinstance(cache, BatchedContext):
+            self._encode_chunk(ids, cache.layers, cache.offsets, cache)
+            mx.eval([(c.keys, c.values) for row in cache.row_caches for c in row])
+            return
         for start in range(0, ids.shape[1], chunk_size):
-            self._encode_chunk(ids[:, start : start + chunk_size], cache)
+            self._encode_chunk(ids[:, start : start + chunk_size], cache, cache[0].offset)
             mx.eval([(c.keys, c.values) for c in cache])
 
-    def _encode_chunk(self, ids: mx.array, cache: list) -> None:
+    def _encode_chunk(self, ids: mx.array, layer_caches, offset, batched: BatchedContext = None) -> None:
         decoder = self.model.decoder
         scalars = self.model.encoder.language_model.layers
         x = self._embed(ids)
         S = ids.shape[1]
-        offset = cache[0].offset
         masks = {}
-        for layer, c, scalar in zip(decoder.layers, cache, scalars):
-            kept = c.size()
-            key = (layer.layer_type, kept)
+        for i, (layer, c, scalar) in enumerate(zip(decoder.layers, layer_caches, scalars)):
+            context = c.context()
+            kept = 0 if context is None else context[0].shape[2]
+            window = self.args.sliding_window if layer.layer_type == "sliding_attention" else None
+            key = (window, kept)
             if key not in masks:
-                window = self.args.sliding_window if layer.layer_type == "sliding_attention" else None
                 masks[key] = create_causal_mask(S, kept, window_size=window)
+                padding = batched.padding_mask(i, S) if batched is not None else None
+                if padding is not None:
+                    masks[key] = masks[key][None, None] & padding
             # Only the cache is evaluated, so MLX never computes the last layer's
             # feed-forward, which nothing reads while encoding.
             x = layer(x, c, offset, True, masks[key], scalar.layer_scalar)
@@ -369,9 +384,14 @@ class Model(nn.Module):
             x = x + decoder.self_conditioning(soft)
         x = mx.fast.rms_norm(x, None, self.args.rms_norm_eps)
 
-        offset = cache[0].offset
-        for layer, c in zip(decoder.layers, cache):
-            x = layer(x, c, offset, False, None, layer.layer_scalar)
+        L = canvas.shape[1]
+        if isinstance(cache, BatchedContext):
+            layer_caches, offset = cache.layers, cache.offsets
+            masks = [cache.padding_mask(i, L) for i in range(len(cache.layers))]
+        else:
+            layer_caches, offset, masks = cache, cache[0].offset, [None] * len(cache)
+        for layer, c, mask in zip(decoder.layers, layer_caches, masks):
+            x = layer(x, c, offset, False, mask, layer.layer_scalar)
         x = decoder.norm(x)
         logits = decoder.embed_tokens.as_linear(x).astype(mx.float32)
         return logit_softcap(self.args.final_logit_softcapping, logits)
