@@ -2,6 +2,12 @@
 
 __version__ = "0.1.0"
 
-from .loader import load
+# Before anything imports MLX: on Linux this is what gives MLX a real BLAS.
+from . import blas
 
-__all__ = ["load", "__version__"]
+blas.setup()
+
+from .generate import generate, stream_generate  # noqa: E402
+from .loader import load  # noqa: E402
+
+__all__ = ["load", "generate", "stream_generate", "__version__"]

@@ -10,7 +10,9 @@ from typing import Any, Dict, Tuple
 from mlx_lm.utils import load_model as _mlx_lm_load_model
 from mlx_lm.utils import load_tokenizer
 
+from .cpu import prepare_weights
 from .model import MODEL_TYPE, Model, ModelArgs
+from .sampler import SamplerConfig
 
 # What a checkpoint download needs: weights, configs, tokenizer and chat template.
 ALLOW_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
@@ -45,7 +47,8 @@ def resolve_model_path(path_or_repo: str, revision: str = None) -> Path:
         raise CheckpointError(
             f"{path_or_repo} is not in the Hugging Face cache and could not be downloaded "
             f"({type(e).__name__}); download it with `hf download {path_or_repo}` on a "
-            "machine with network access, or pass a local directory"
+            "machine with network access, or pass a local directory (`mlxdg convert` makes one "
+            "from a Hugging Face checkpoint)"
         ) from None
 
 
@@ -67,8 +70,13 @@ def read_config(path: Path) -> Dict[str, Any]:
     return config
 
 
-def load_model(path: Path, lazy: bool = False) -> Tuple[Model, Dict[str, Any]]:
-    """The model and its config from a local checkpoint directory."""
+def load_model(path: Path, lazy: bool = False, cpu_dequantize: str = "auto") -> Tuple[Model, Dict[str, Any]]:
+    """The model and its config from a local checkpoint directory.
+
+    ``cpu_dequantize`` (``"auto"``, ``"always"`` or ``"never"``) decides whether
+    quantized matrices become float32 at load (``cpu.prepare_weights``);
+    ``model.weight_paths`` says what the dense layers and the experts run on.
+    """
     read_config(path)
     try:
         model, config = _mlx_lm_load_model(
@@ -79,6 +87,9 @@ def load_model(path: Path, lazy: bool = False) -> Tuple[Model, Dict[str, Any]]:
         raise CheckpointError(f"{path}: weights do not match the config: {_first_line(e)}") from None
     except Exception as e:  # corrupt or truncated safetensors surface as RuntimeError/OSError
         raise CheckpointError(f"{path}: cannot read the weights: {_first_line(e)}") from None
+    model.weight_paths = prepare_weights(model, cpu_dequantize, lazy=lazy)
+    # generate() takes its sampler defaults from here, as the reference does from the checkpoint.
+    model.generation_config = SamplerConfig.from_checkpoint(path)
     return model, config
 
 
@@ -87,10 +98,11 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def load(path_or_repo: str, revision: str = None, lazy: bool = False) -> Tuple[Model, Any]:
+def load(path_or_repo: str, revision: str = None, lazy: bool = False,
+         cpu_dequantize: str = "auto") -> Tuple[Model, Any]:
     """Load a DiffusionGemma checkpoint: ``model, tokenizer = load("path/or/repo")``."""
     path = resolve_model_path(str(path_or_repo), revision)
-    model, config = load_model(path, lazy=lazy)
+    model, config = load_model(path, lazy=lazy, cpu_dequantize=cpu_dequantize)
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     return model, tokenizer
 
