@@ -1,0 +1,500 @@
+"""Block-diffusion generation.
+
+The prompt is encoded once. Each block then starts from a random canvas and
+is denoised for up to ``max_denoising_steps`` steps (see ``sampler``); its
+argmax is committed and encoded into the cache before the next block, except
+for the last block, which nothing reads. Every step is one MLX graph,
+evaluated once together with the stop test.
+
+Prompts are batched: every prompt keeps its own cache, and each block the
+rows are denoised together through a ``BatchedContext`` (left-padded, with
+per-row positions, so a row's result does not depend on its neighbours).
+Rows finish on their own: a row whose block has stopped keeps its result and
+leaves the computation for the rest of that block, and a row that produced an
+end-of-sequence token gets no further blocks. When more prompts wait than the
+batch holds (``max_batch``, by default what the memory planner allows), a row
+that finishes frees its slot for the next prompt at the next block boundary.
+"""
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .cache import BatchedContext
+from .memory import largest_context, parse_size, plan
+from .sampler import MLXNoise, NoiseSource, SamplerConfig, decide, empty_history, temper, temperatures
+
+SAMPLER_OPTIONS = ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max",
+                   "stability_threshold", "confidence_threshold", "eos_token_id", "pad_token_id")
+
+
+@dataclass(frozen=True)
+class Draft:
+    """One denoising step of a block, for the batch ``rows`` still generating.
+    ``block`` counts the batch's blocks; with continuous batching a row that
+    joined later is at an earlier block of its own (``row_blocks``)."""
+
+    block: int
+    step: int
+    rows: Tuple[int, ...]
+    row_blocks: Tuple[int, ...]
+    canvas: np.ndarray  # [len(rows), L] argmax; rows that stopped keep their result
+    accepted: np.ndarray  # [len(rows)] positions accepted this step, 0 for rows that stopped earlier
+    stopped: np.ndarray  # [len(rows)] whether the row's block is done
+
+
+@dataclass(frozen=True)
+class Block:
+    """A committed block, with the running statistics of the whole call."""
+
+    block: int
+    rows: Tuple[int, ...]
+    row_blocks: Tuple[int, ...]  # each row's own block index
+    tokens: np.ndarray  # [len(rows), L]; pad after an end-of-sequence token when pad_token_id is set
+    texts: List[str]  # new answer text of each row
+    thinking: List[str]  # new thinking-channel text of each row, starting with the channel's name
+    steps: List[int]  # denoising steps each row ran in this block
+    finish_reasons: List[Optional[str]]  # "stop" (end of sequence), "length", or None: more blocks follow
+    tokens_per_forward: List[float]  # each row's so far: non-pad tokens per decoder pass, as the reference counts
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+
+    @property
+    def text(self) -> str:
+        return _only(self.texts)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What ``generate`` returns; every list has one entry per batch row."""
+
+    texts: List[str]  # the answers: no thinking channel, no special tokens, nothing after EOS
+    thinking: List[str]
+    tokens: List[List[int]]  # committed tokens of the blocks each row generated
+    finish_reasons: List[str]  # "stop" (end-of-sequence token) or "length"
+    steps_per_block: List[List[int]]
+    tokens_per_forward: List[float]  # non-pad tokens per decoder pass, as the reference counts them
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+
+    @property
+    def text(self) -> str:
+        return _only(self.texts)
+
+
+def _only(texts: List[str]) -> str:
+    if len(texts) != 1:
+        raise ValueError(f"{len(texts)} rows were generated; use .texts")
+    return texts[0]
+
+
+@dataclass
+class _Committed:
+    block: int
+    rows: Tuple[int, ...]
+    row_blocks: Tuple[int, ...]
+    tokens: np.ndarray
+    steps: np.ndarray
+    eos: np.ndarray  # rows that produced an end-of-sequence token
+    finished: np.ndarray
+    prompt_time: float
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    prompt: Union[str, Sequence[int], Sequence[Union[str, Sequence[int]]], None] = None,
+    *,
+    messages: Optional[List[dict]] = None,
+    chat: bool = False,
+    enable_thinking: bool = False,
+    config: Optional[SamplerConfig] = None,
+    seed: Optional[int] = None,
+    noise: Optional[NoiseSource] = None,
+    cache: Optional[list] = None,
+    max_batch: Optional[int] = None,
+    memory_limit=None,
+    **options,
+) -> Iterator[Union[Draft, Block]]:
+    """Generate from ``prompt`` and yield a ``Draft`` after every denoising
+    step and a ``Block`` after every committed block.
+
+    ``prompt`` is text, token ids, or a list of either (a batch; lengths may
+    differ). The chat template is applied to ``messages``, or to text prompts
+    with ``chat=True``; thinking stays off unless ``enable_thinking``.
+    Sampler settings come from ``config``, else from the checkpoint's
+    generation config, and each can be overridden by keyword
+    (``max_new_tokens``, ``max_denoising_steps``, ``entropy_bound``, ``t_min``,
+    ``t_max``, ``stability_threshold``, ``confidence_threshold``,
+    ``eos_token_id``, ``pad_token_id``). Randomness comes from ``noise``, or
+    from MLX seeded with ``seed``.
+
+    ``cache`` (one prompt only) continues a conversation: the prompt is
+    appended to it, and afterwards it holds the prompt and every committed
+    block but the last, as the reference leaves it. ``max_batch`` caps the
+    canvases denoised at once; by default the memory planner picks it for
+    ``memory_limit`` (bytes or "16GB"; the device's budget when None) and a
+    request that cannot fit at all fails before anything is allocated.
+    """
+    unknown = set(options) - set(SAMPLER_OPTIONS)
+    if unknown:
+        raise TypeError(f"unexpected options: {', '.join(sorted(unknown))}")
+    prompts = prompt_ids(tokenizer, prompt, messages, chat, enable_thinking)
+    if cache is not None and len(prompts) != 1:
+        raise ValueError("cache= continues one conversation; give a single prompt")
+    config = resolve_config(model, tokenizer, config, options)
+    max_batch = batch_size(model, prompts, config, max_batch, memory_limit, cache)
+    noise = noise or MLXNoise(seed)
+    markers = _TextMarkers(tokenizer, config.eos_token_id)
+    answers = [_AnswerText(tokenizer, markers) for _ in prompts]
+    valid = np.zeros(len(prompts), dtype=np.int64)  # non-pad committed tokens, per row
+    forwards = np.zeros(len(prompts), dtype=np.int64)  # decoder passes, per row
+    prompt_tokens = sum(len(p) for p in prompts)
+
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    generated = 0
+    for event in _generate(model, prompts, config, noise, max_batch, cache):
+        if isinstance(event, Draft):
+            yield event
+            continue
+        rows = list(event.rows)
+        if config.pad_token_id is None:
+            valid[rows] += event.tokens.shape[1]
+        else:
+            valid[rows] += (event.tokens != config.pad_token_id).sum(axis=1)
+        forwards[rows] += event.steps
+        texts, thinking = zip(*(answers[r].add(tokens, last)
+                                for r, tokens, last in zip(rows, event.tokens, event.finished)))
+        generated += sum(answers[r].generated for r in rows)
+        # Guards against a zero clock difference when a block costs next to nothing.
+        prompt_time = max(event.prompt_time, 1e-9)
+        generation_time = max(time.perf_counter() - start - prompt_time, 1e-9)
+        yield Block(
+            block=event.block,
+            rows=event.rows,
+            row_blocks=event.row_blocks,
+            tokens=event.tokens,
+            texts=list(texts),
+            thinking=list(thinking),
+            steps=event.steps.tolist(),
+            finish_reasons=[("stop" if eos else "length") if done else None
+                            for eos, done in zip(event.eos, event.finished)],
+            tokens_per_forward=(valid[rows] / forwards[rows]).tolist(),
+            prompt_tokens=prompt_tokens,
+            prompt_tps=prompt_tokens / prompt_time,
+            generation_tokens=generated,
+            generation_tps=generated / generation_time,
+            peak_memory=mx.get_peak_memory() / 1e9,
+        )
+
+
+def batch_size(model, prompts, config: SamplerConfig, max_batch, memory_limit, cache) -> int:
+    """Canvases to denoise at once: ``max_batch``, else as many as the memory
+    planner fits; raises ``InsufficientMemory`` when not even one fits."""
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    context = largest_context([len(p) for p in prompts], config.max_new_tokens, model.args.canvas_length)
+    if cache is not None:
+        context += cache[0].offset
+    dtype_bytes = model.dtype.size
+    budget = None if memory_limit is None else parse_size(memory_limit)
+    memory = plan(model.args, weights, context, dtype_bytes, budget)
+    memory.require(1 if max_batch is None else min(max_batch, len(prompts)))
+    return max(1, min(max_batch or memory.max_canvases, len(prompts)))
+
+
+def generate(model, tokenizer, prompt=None, *, verbose: bool = False, **kwargs) -> GenerationResult:
+    """Run ``stream_generate`` to the end (same arguments) and return the
+    answers with their statistics. ``verbose`` prints like ``mlx_lm.generate``."""
+    rows = {}
+    last = None
+    if verbose:
+        print("=" * 10)
+    for event in stream_generate(model, tokenizer, prompt, **kwargs):
+        if not isinstance(event, Block):
+            continue
+        last = event
+        for i, r in enumerate(event.rows):
+            row = rows.setdefault(r, _Row())
+            row.text += event.texts[i]
+            row.thinking += event.thinking[i]
+            row.tokens.extend(event.tokens[i].tolist())
+            row.steps.append(event.steps[i])
+            row.finish_reason = event.finish_reasons[i]
+            row.tokens_per_forward = event.tokens_per_forward[i]
+        if verbose and len(rows) == 1:
+            print(event.texts[0], end="", flush=True)
+
+    rows = [rows[r] for r in sorted(rows)]
+    result = GenerationResult(
+        texts=[row.text for row in rows],
+        thinking=[row.thinking.removeprefix("thought\n") for row in rows],
+        tokens=[row.tokens for row in rows],
+        finish_reasons=[row.finish_reason for row in rows],
+        steps_per_block=[row.steps for row in rows],
+        tokens_per_forward=[row.tokens_per_forward for row in rows],
+        prompt_tokens=last.prompt_tokens,
+        prompt_tps=last.prompt_tps,
+        generation_tokens=last.generation_tokens,
+        generation_tps=last.generation_tps,
+        peak_memory=last.peak_memory,
+    )
+    if verbose:
+        _print_summary(result)
+    return result
+
+
+@dataclass
+class _Row:
+    text: str = ""
+    thinking: str = ""
+    tokens: List[int] = field(default_factory=list)
+    steps: List[int] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    tokens_per_forward: float = 0.0
+
+
+def _print_summary(result: GenerationResult):
+    if len(result.texts) > 1:
+        for i, text in enumerate(result.texts):
+            print(f"[{i}] {text}")
+    else:
+        print()
+    blocks = sum(len(s) for s in result.steps_per_block)
+    steps = sum(sum(s) for s in result.steps_per_block)
+    tpf = sum(result.tokens_per_forward) / len(result.tokens_per_forward)
+    print("=" * 10)
+    print(f"Prompt: {result.prompt_tokens} tokens, {result.prompt_tps:.3f} tokens-per-sec")
+    print(f"Generation: {result.generation_tokens} tokens, {result.generation_tps:.3f} tokens-per-sec")
+    print(f"Diffusion: {blocks} blocks, {steps} steps, {tpf:.2f} tokens per forward")
+    print(f"Peak memory: {result.peak_memory:.3f} GB")
+
+
+def resolve_config(model, tokenizer, config: Optional[SamplerConfig], options: dict) -> SamplerConfig:
+    """``config`` (else the checkpoint's, else the defaults) with ``options``
+    applied. Unless ``eos_token_id`` is given, the tokenizer's end-of-sequence
+    ids are added to the generation config's, as mlx-lm stops on both."""
+    base = config or getattr(model, "generation_config", None) or SamplerConfig()
+    config = base.override(**options)
+    if options.get("eos_token_id") is None and tokenizer is not None:
+        eos = set(config.eos_token_id or ()) | set(getattr(tokenizer, "eos_token_ids", None) or ())
+        config = replace(config, eos_token_id=tuple(sorted(eos)) or None)
+    return config
+
+
+def prompt_ids(tokenizer, prompt, messages, chat: bool, enable_thinking: bool) -> List[np.ndarray]:
+    """The prompts as token-id arrays, one per batch row."""
+    if messages is not None:
+        return [_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                   enable_thinking=enable_thinking))]
+    if prompt is None:
+        raise TypeError("give a prompt or messages")
+    if hasattr(prompt, "tolist"):
+        prompt = prompt.tolist()
+    single = isinstance(prompt, str) or (len(prompt) > 0 and isinstance(prompt[0], (int, np.integer)))
+    rows = [prompt] if single else list(prompt)
+    if not rows:
+        raise ValueError("empty prompt")
+    out = []
+    for row in rows:
+        if isinstance(row, str):
+            if chat:
+                row = tokenizer.apply_chat_template([{"role": "user", "content": row}],
+                                                    add_generation_prompt=True, enable_thinking=enable_thinking)
+            else:
+                row = tokenizer.encode(row)
+        elif chat:
+            raise TypeError("chat=True needs text prompts")
+        out.append(_ids(row))
+    return out
+
+
+def _ids(row) -> np.ndarray:
+    ids = np.array(row, dtype=np.int32).reshape(-1)
+    if ids.size == 0:
+        raise ValueError("empty prompt")
+    return ids
+
+
+@dataclass
+class _Slot:
+    """A prompt being generated: its row in the batch, its cache, its block."""
+
+    row: int
+    cache: list
+    block: int = 0
+
+
+def _generate(model, prompts: List[np.ndarray], config: SamplerConfig, noise: NoiseSource, max_batch: int,
+              cache: Optional[list]):
+    """Token-level generation: yields ``Draft``s and ``_Committed`` blocks."""
+    L = model.args.canvas_length
+    n_blocks = math.ceil(config.max_new_tokens / L)
+    eos = np.array(config.eos_token_id or (), dtype=np.int64)
+    waiting = deque(range(len(prompts)))
+    active: List[_Slot] = []
+    prompt_time = 0.0
+
+    def admit():
+        nonlocal prompt_time
+        while waiting and len(active) < max_batch:
+            row = waiting.popleft()
+            start = time.perf_counter()
+            slot = _Slot(row, cache if cache is not None else model.make_cache())
+            model.encode(mx.array(prompts[row][None]), slot.cache)
+            prompt_time += time.perf_counter() - start
+            active.append(slot)
+
+    admit()
+    round_ = 0
+    while active:
+        context = BatchedContext([slot.cache for slot in active])
+        rows = np.array([slot.row for slot in active])
+        blocks = np.array([slot.block for slot in active])
+        tokens, steps = yield from _denoise_block(model, context, rows, blocks, round_, config, noise)
+        is_eos = np.isin(tokens, eos)
+        finished = is_eos.any(axis=1) | (blocks == n_blocks - 1)
+        if config.pad_token_id is not None:
+            after_eos = np.cumsum(is_eos, axis=1) - is_eos > 0
+            tokens[after_eos] = config.pad_token_id
+        yield _Committed(round_, tuple(rows.tolist()), tuple(blocks.tolist()), tokens, steps,
+                         is_eos.any(axis=1), finished, prompt_time)
+        keep = np.flatnonzero(~finished)
+        if len(keep):
+            model.encode(mx.array(tokens[keep]), context.take(keep.tolist()))
+        active = [active[i] for i in keep]
+        for slot in active:
+            slot.block += 1
+        admit()
+        round_ += 1
+
+
+def _by_block(draw, rows: Sequence[int], blocks: Sequence[int], *args, step: int) -> mx.array:
+    """One noise draw for rows that may be at different blocks: one call per
+    block, so a row's draws never depend on which other rows share its batch."""
+    groups = sorted(set(blocks))
+    if len(groups) == 1:
+        return draw(*args, list(rows), block=groups[0], step=step)
+    parts, order = [], []
+    for block in groups:
+        members = [i for i, b in enumerate(blocks) if b == block]
+        member_args = [a[mx.array(members)] if isinstance(a, mx.array) else a for a in args]
+        parts.append(draw(*member_args, [rows[i] for i in members], block=block, step=step))
+        order += members
+    return mx.concatenate(parts)[mx.array(np.argsort(order))]
+
+
+def denoise_step(model, context, canvas, self_conditioning, history, config: SamplerConfig, temperature: float,
+                 noise: NoiseSource, rows: Sequence[int], blocks: Sequence[int], step: int):
+    """One denoising step of ``canvas`` [len(rows), L] for batch ``rows`` (at
+    ``blocks``), as lazy arrays: the next canvas, the processed logits (the
+    next step's self-conditioning), the argmax, how many positions were
+    accepted, whether each row stops, and the updated argmax history."""
+    L, V = model.args.canvas_length, model.args.vocab_size
+    logits = model.denoise(canvas, context, self_conditioning)
+    processed, entropy, argmax = temper(logits, mx.array(temperature))
+    proposal = _by_block(noise.proposal, rows, blocks, processed, step=step)
+    renoise = _by_block(lambda rows, **kw: noise.canvas(rows, L, V, **kw), rows, blocks, step=step)
+    canvas, accepted, stop, history = decide(
+        entropy, argmax, proposal.astype(renoise.dtype), renoise, history,
+        mx.array(config.entropy_bound, dtype=mx.float32), mx.array(config.confidence_threshold, dtype=mx.float32))
+    return canvas, processed, argmax, accepted, stop, history
+
+
+def _denoise_block(model, context: BatchedContext, rows: np.ndarray, blocks: np.ndarray, round_: int,
+                   config: SamplerConfig, noise: NoiseSource):
+    """Denoise one block for batch ``rows``; returns its argmax [len(rows), L]
+    and the steps each row ran."""
+    L, V = model.args.canvas_length, model.args.vocab_size
+    result = np.zeros((len(rows), L), dtype=np.int64)
+    steps = np.zeros(len(rows), dtype=np.int64)
+    active = np.arange(len(rows))  # positions in ``rows`` still denoising
+    view = context
+    canvas = _by_block(lambda rows, **kw: noise.canvas(rows, L, V, **kw), rows.tolist(), blocks.tolist(), step=0)
+    self_conditioning = None
+    history = empty_history(config, len(rows), L)
+
+    for step, temperature in enumerate(temperatures(config), start=1):
+        canvas, processed, argmax, accepted, stop, history = denoise_step(
+            model, view, canvas, self_conditioning, history, config, temperature, noise,
+            rows[active].tolist(), blocks[active].tolist(), step)
+        mx.eval(canvas, processed, argmax, accepted, stop, history)
+
+        stop = np.array(stop)
+        result[active] = np.array(argmax)
+        steps[active] += 1
+        counts = np.zeros(len(rows), dtype=np.int64)
+        counts[active] = np.array(accepted)
+        stopped = np.ones(len(rows), dtype=bool)
+        stopped[active] = stop
+        yield Draft(round_, step, tuple(rows.tolist()), tuple(blocks.tolist()), result.copy(), counts, stopped)
+
+        if stop.all():
+            break
+        if stop.any():
+            keep = np.flatnonzero(~stop)
+            active = active[keep]
+            index = mx.array(keep)
+            canvas, processed, history = canvas[index], processed[index], history[:, index]
+            view = context.take(active.tolist())
+        self_conditioning = processed
+    return result, steps
+
+
+class _TextMarkers:
+    """What decides how a tokenizer's output becomes answer text."""
+
+    def __init__(self, tokenizer, eos_token_id):
+        vocab = tokenizer.get_vocab()
+        self.channel_open = vocab.get("<|channel>")
+        self.channel_close = vocab.get("<channel|>")
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        self.special = set(tokenizer.all_special_ids) | {i for i, t in added.items() if t.special}
+        self.eos = set(eos_token_id or ())
+
+
+class _AnswerText:
+    """Turns one row's committed tokens into text: stops after the first
+    end-of-sequence token, sends the thinking channel to its own stream and
+    drops special tokens; mlx-lm's streaming detokenizers do the decoding."""
+
+    def __init__(self, tokenizer, markers: _TextMarkers):
+        self.markers = markers
+        self.answer = tokenizer.detokenizer
+        self.thought = tokenizer.detokenizer
+        self.in_channel = False
+        self.ended = False
+        self.generated = 0  # tokens taken by the last ``add``, end-of-sequence included
+
+    def add(self, tokens, last: bool) -> Tuple[str, str]:
+        """The new (answer, thinking) text of a committed block."""
+        m = self.markers
+        self.generated = 0
+        for token in map(int, tokens):
+            if self.ended:
+                break
+            self.generated += 1
+            if token in m.eos:
+                self.ended = True
+            elif token == m.channel_open:
+                self.in_channel = True
+            elif token == m.channel_close:
+                self.in_channel = False
+            elif token not in m.special:
+                (self.thought if self.in_channel else self.answer).add_token(token)
+        if last or self.ended:
+            self.answer.finalize()
+            self.thought.finalize()
+        return self.answer.last_segment, self.thought.last_segment

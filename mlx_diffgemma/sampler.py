@@ -1,0 +1,186 @@
+"""The entropy-bound sampler that DiffusionGemma checkpoints ship with.
+
+Each denoising step divides the logits by a temperature that falls linearly
+from ``t_max`` towards ``t_min``, draws a proposal token for every position,
+keeps the proposals at the lowest-entropy positions while their entropies,
+minus the largest of them, sum to at most ``entropy_bound``, and replaces
+every other position with a uniformly random token. A block stops early once
+its argmax has not changed for ``stability_threshold`` steps and the mean
+entropy is below ``confidence_threshold``; the argmax is what gets committed.
+"""
+
+import json
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Dict, Optional, Protocol, Sequence, Tuple
+
+import mlx.core as mx
+import numpy as np
+
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Generation settings; ``from_checkpoint`` reads a checkpoint's
+    ``generation_config.json``, and the defaults are the reference's own."""
+
+    max_new_tokens: int = 256
+    max_denoising_steps: int = 48
+    entropy_bound: float = 0.1
+    t_min: float = 0.4
+    t_max: float = 0.8
+    stability_threshold: int = 1
+    confidence_threshold: float = 0.005
+    eos_token_id: Optional[Tuple[int, ...]] = None
+    pad_token_id: Optional[int] = None
+
+    def __post_init__(self):
+        if isinstance(self.eos_token_id, int):
+            object.__setattr__(self, "eos_token_id", (self.eos_token_id,))
+        elif self.eos_token_id is not None:
+            object.__setattr__(self, "eos_token_id", tuple(int(i) for i in self.eos_token_id))
+        for name in ("max_new_tokens", "max_denoising_steps"):
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not _is_int(self.stability_threshold) or self.stability_threshold < 0:
+            raise ValueError(f"stability_threshold must be an integer >= 0, got {self.stability_threshold!r}")
+        # 0 is meaningful for both: only the most certain position is accepted;
+        # no block ever stops early (fixed-step runs).
+        for name in ("entropy_bound", "confidence_threshold"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.t_min < self.t_max:
+            raise ValueError(f"need 0 <= t_min < t_max, got t_min={self.t_min!r}, t_max={self.t_max!r}")
+
+    @classmethod
+    def from_dict(cls, config: Dict[str, Any]) -> "SamplerConfig":
+        """Settings from a ``generation_config.json`` dictionary; ``null`` and
+        missing entries keep the defaults, keys this sampler does not use are ignored."""
+        values = {f.name: config.get(f.name) for f in fields(cls)}
+        sampler = config.get("sampler_config") or {}
+        if sampler.get("_cls_name", "EntropyBoundSamplerConfig") != "EntropyBoundSamplerConfig":
+            raise ValueError(f"unsupported sampler {sampler['_cls_name']!r}")
+        values["entropy_bound"] = sampler.get("entropy_bound")
+        return cls(**{k: v for k, v in values.items() if v is not None})
+
+    @classmethod
+    def from_checkpoint(cls, path) -> "SamplerConfig":
+        """Settings from ``path/generation_config.json``; the defaults if there is none."""
+        file = Path(path) / GENERATION_CONFIG_FILE
+        if not file.is_file():
+            return cls()
+        try:
+            return cls.from_dict(json.loads(file.read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file} is not valid JSON ({e})") from None
+
+    def override(self, **overrides) -> "SamplerConfig":
+        """A copy with every override that is not ``None`` applied."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def temperatures(config: SamplerConfig) -> np.ndarray:
+    """The temperature of each step, first step first.
+
+    Step ``s`` (1-based) has ``t = N - s + 1`` steps remaining and temperature
+    ``t_min + (t_max - t_min) * t / N``. Each operation is rounded to float32,
+    as the reference computes it, so the processed logits match it bit for bit.
+    """
+    N = config.max_denoising_steps
+    remaining = np.arange(N, 0, -1, dtype=np.float32)
+    fraction = remaining / np.float32(N)
+    return np.float32(config.t_min) + np.float32(config.t_max - config.t_min) * fraction
+
+
+@mx.compile
+def temper(logits: mx.array, temperature: mx.array) -> Tuple[mx.array, mx.array, mx.array]:
+    """Processed logits, per-position entropy (nats) and argmax for one step."""
+    processed = logits / temperature
+    logprobs = processed - mx.logsumexp(processed, axis=-1, keepdims=True)
+    entropy = -(mx.exp(logprobs) * logprobs).sum(axis=-1)
+    return processed, entropy, mx.argmax(processed, axis=-1)
+
+
+def acceptance_mask(entropy: mx.array, entropy_bound: mx.array) -> mx.array:
+    """Positions whose proposals are kept [B, L].
+
+    In ascending order of entropy, position ``k`` is kept while the entropies
+    before it sum to at most the bound, so the most certain one always is.
+    """
+    order = mx.argsort(entropy, axis=-1)
+    ascending = mx.take_along_axis(entropy, order, axis=-1)
+    keep = (mx.cumsum(ascending, axis=-1) - ascending) <= entropy_bound
+    return mx.put_along_axis(mx.zeros_like(keep), order, keep, axis=-1)
+
+
+@mx.compile
+def decide(
+    entropy: mx.array,
+    argmax: mx.array,
+    proposal: mx.array,
+    noise: mx.array,
+    history: mx.array,
+    entropy_bound: mx.array,
+    confidence_threshold: mx.array,
+) -> Tuple[mx.array, mx.array, mx.array, mx.array]:
+    """Everything after the proposal: the next canvas, how many positions were
+    accepted, whether each row stops, and the updated argmax history.
+
+    ``history`` [stability_threshold, B, L] holds the previous argmaxes, -1 where
+    there is none yet; with ``stability_threshold`` 0 it is empty and every row
+    counts as stable.
+    """
+    accepted = acceptance_mask(entropy, entropy_bound)
+    canvas = mx.where(accepted, proposal, noise)
+    stable = (history == argmax[None]).all(axis=(0, 2))
+    confident = entropy.mean(axis=-1) < confidence_threshold
+    history = mx.concatenate([history, argmax[None].astype(history.dtype)])[1:]
+    return canvas, accepted.sum(axis=-1), stable & confident, history
+
+
+def empty_history(config: SamplerConfig, batch: int, length: int) -> mx.array:
+    return mx.full((config.stability_threshold, batch, length), -1, dtype=mx.int32)
+
+
+class NoiseSource(Protocol):
+    """Every random draw of generation goes through one of these.
+
+    ``rows`` are the batch rows (indices into the original batch) the draw is
+    for; rows that finished are not asked for. ``block`` counts committed
+    blocks from 0. ``step`` 0 is the block's initial canvas, step ``s >= 1``
+    the proposal of denoising step ``s`` and the renoising that follows it.
+    Per block the calls come in the reference's order: ``canvas`` at step 0,
+    then ``proposal`` and ``canvas`` at each step.
+    """
+
+    def canvas(self, rows: Sequence[int], length: int, vocab_size: int, *, block: int, step: int) -> mx.array:
+        """Token ids [len(rows), length], uniform over the whole vocabulary."""
+
+    def proposal(self, logits: mx.array, rows: Sequence[int], *, block: int, step: int) -> mx.array:
+        """One token id per position [len(rows), length], drawn from softmax(logits)."""
+
+
+class MLXNoise:
+    """MLX's random numbers: a private key chain from ``seed``, or MLX's global
+    generator (``mx.random.seed``) when ``seed`` is None."""
+
+    def __init__(self, seed: Optional[int] = None):
+        self._key = None if seed is None else mx.random.key(seed)
+
+    def _next_key(self) -> Optional[mx.array]:
+        if self._key is None:
+            return None
+        self._key, key = mx.random.split(self._key)
+        return key
+
+    def canvas(self, rows, length, vocab_size, *, block, step):
+        return mx.random.randint(0, vocab_size, (len(rows), length), key=self._next_key())
+
+    def proposal(self, logits, rows, *, block, step):
+        return mx.random.categorical(logits, key=self._next_key())
