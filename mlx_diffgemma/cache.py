@@ -7,7 +7,6 @@ see, and it is exactly what the reference decoder attends to besides the
 canvas. Keeping ``window`` positions instead changes the logits.
 """
 
-import copy
 from typing import List, Optional, Tuple
 
 import mlx.core as mx
@@ -73,17 +72,6 @@ def cached_length(cache: List[_BaseCache]) -> int:
     return cache[0].offset
 
 
-def take_rows(cache: List[_BaseCache], rows: mx.array) -> List[_BaseCache]:
-    """A copy of ``cache`` holding only batch ``rows``; ``cache`` is left as it is."""
-    taken = []
-    for c in cache:
-        c = copy.copy(c)
-        if c.keys is not None:
-            c.keys, c.values = c.keys[rows], c.values[rows]
-        taken.append(c)
-    return taken
-
-
 class _BatchedLayer:
     """One layer of a BatchedContext, with the interface the attention layer uses."""
 
@@ -147,6 +135,21 @@ class BatchedContext:
 
     def __len__(self):
         return len(self.row_caches)
+
+    def take(self, rows) -> "BatchedContext":
+        """The context of batch ``rows`` (positions in this batch) only; no re-padding."""
+        taken = object.__new__(BatchedContext)
+        index = mx.array(rows)
+        taken.row_caches = [self.row_caches[r] for r in rows]
+        taken.offsets = self.offsets[index]
+        taken.layers = [
+            _BatchedLayer(None if layer.keys is None else layer.keys[index],
+                          None if layer.values is None else layer.values[index],
+                          [layer.row_caches[r] for r in rows])
+            for layer in self.layers
+        ]
+        taken.valid = [None if v is None else v[index] for v in self.valid]
+        return taken
 
     def padding_mask(self, layer: int, new_positions: int):
         """[B, 1, 1, context + new] keep-mask, or None when no row is padded."""

@@ -21,10 +21,12 @@ from .model import VISION_PREFIXES, ModelArgs
 
 GiB = 1 << 30
 
-# Live [canvas, vocab] float32 buffers at the peak of one self-conditioned
-# ``Model.denoise``, measured with mx.get_peak_memory() on the small synthetic
-# models of tests/test_memory.py. Change it when that code path changes.
-LOGIT_BUFFERS_PER_CANVAS = 1.15
+# Live [canvas, vocab] float32 buffers at the peak of a denoising step of the
+# engine (``generate.denoise_step``): the previous step's processed logits,
+# kept for self-conditioning, and the new logits with the sampler's working
+# copies. Measured with mx.get_peak_memory() on the small synthetic models of
+# tests/test_memory.py; change it when that code path changes.
+LOGIT_BUFFERS_PER_CANVAS = 4.0
 
 # What the CPU backend leaves to the OS and other programs.
 CPU_RESERVE_FRACTION = 0.15

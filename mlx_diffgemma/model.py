@@ -320,6 +320,11 @@ class Model(nn.Module):
     def layers(self):
         return self.model.decoder.layers
 
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The activations' dtype (the embedding's)."""
+        return _embedding_dtype(self.model.decoder.embed_tokens)
+
     def make_cache(self) -> list:
         window = self.args.sliding_window
         return [
