@@ -23,8 +23,13 @@ from mlx_diffgemma.cli import app
 from mlx_diffgemma.convert import convert as convert_module
 from mlx_diffgemma.convert import recipes
 from mlx_diffgemma.convert.convert import ConvertError, convert, main, recipe_table
-from mlx_diffgemma.loader import load_model
+from mlx_diffgemma import loader
 from mlx_diffgemma.model import VISION_PREFIXES, Model, ModelArgs
+
+
+def load_model(path):
+    """The weights as the conversion wrote them: no dequantizing for the CPU backend."""
+    return loader.load_model(path, cpu_dequantize="never")
 
 # Mean KL(float32 || quantized) in nats over 256 canvas positions of the
 # "quantizable" fixture. Its O(1) random weights make it far more sensitive
