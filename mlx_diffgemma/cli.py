@@ -1,8 +1,17 @@
 """The ``mlxdg`` command line."""
 
+import functools
+import inspect
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
 
-from . import __version__
+from . import __version__, blas
+from .chat import chat_command
+from .commands import DEFAULT_MODEL, MODEL_ENV, Settings, batch_command, generate_command, memory_limit_option
+from .cpu import CPU_DEQUANTIZE_MODES
 
 app = typer.Typer(
     name="mlxdg",
@@ -12,6 +21,19 @@ app = typer.Typer(
 )
 
 
+CpuDequantize = Enum("CpuDequantize", {mode: mode for mode in CPU_DEQUANTIZE_MODES}, type=str)
+
+
+# For every command that loads a model: ``cpu_dequantize: CpuDequantizeOption = CpuDequantize.auto``,
+# then ``load(..., cpu_dequantize=cpu_dequantize.value)``.
+CpuDequantizeOption = Annotated[CpuDequantize, typer.Option(
+    "--cpu-dequantize",
+    help="Dequantize a quantized checkpoint's matrices to float32 at load: auto (on MLX's CPU "
+    "backend, as many as fit in memory), always, or never (keep MLX's quantized kernels, much "
+    "slower on the CPU).",
+)]
+
+
 @app.callback()
 def main():
     """Run Google's DiffusionGemma block-diffusion language model with MLX."""
@@ -19,7 +41,136 @@ def main():
 
 @app.command()
 def version():
-    """Print the versions of mlx-diffgemma and MLX."""
+    """Print the versions of mlx-diffgemma and MLX, and the BLAS MLX runs on."""
     import mlx.core as mx
 
-    typer.echo(f"mlx-diffgemma {__version__}, mlx {mx.__version__}")
+    typer.echo(f"mlx-diffgemma {__version__}, mlx {mx.__version__}, BLAS {blas.setup()}")
+
+
+@app.command()
+def convert(
+    hf_path: str = typer.Option(None, "--hf-path", "--model", help="Hugging Face repo id or local directory."),
+    mlx_path: str = typer.Option("mlx_model", "--mlx-path", help="Output directory."),
+    quantize: bool = typer.Option(False, "-q", "--quantize", help="Quantize (recipe 'mixed' unless --recipe)."),
+    q_bits: int = typer.Option(None, "--q-bits", help="Bits of the experts under 'mixed': 4 (default) or 8."),
+    q_group_size: int = typer.Option(64, "--q-group-size", help="Quantization group size: 32, 64 or 128."),
+    recipe: str = typer.Option(None, "--recipe", help="Quantization recipe; 'list' describes them."),
+    dtype: str = typer.Option(None, "--dtype", help="float16, bfloat16 or float32 for unquantized "
+                              "tensors and scales (default: as stored)."),
+    upload_repo: str = typer.Option(None, "--upload-repo", help="Hugging Face repo to upload the result to."),
+    force: bool = typer.Option(False, "--force", help="Replace --mlx-path if it exists."),
+    text_only: bool = typer.Option(False, "--text-only", help="Drop the vision tower."),
+):
+    """Convert a Hugging Face DiffusionGemma checkpoint to MLX, optionally quantized."""
+    from .convert.convert import main as convert_main
+
+    raise typer.Exit(convert_main(hf_path, mlx_path, quantize, q_bits, q_group_size, recipe, dtype,
+                                  upload_repo, force, text_only))
+
+
+@app.command()
+def bench(
+    model: str = typer.Option(None, "--model", help="DiffusionGemma checkpoint: directory or Hugging Face repo id."),
+    ar_model: str = typer.Option(None, "--ar-model", help="Autoregressive Gemma 4 for mlx-lm (directory or repo "
+                                 "id); without it, --synthetic runs mlx-lm's Gemma 4 on the diffusion weights."),
+    synthetic: str = typer.Option(None, "--synthetic", help="Random weights, no download: tiny, small or 26b-a4b."),
+    layers: int = typer.Option(None, "--layers", help="With --synthetic: this many layers (26b-a4b has 30)."),
+    steps: str = typer.Option("4,8,16,32,48", "--steps", help="Fixed denoising steps per block to sweep."),
+    prompt_tokens: int = typer.Option(512, "--prompt-tokens", help="Random prompt length."),
+    gen_tokens: int = typer.Option(512, "--gen-tokens", help="Tokens generated per run."),
+    quant: str = typer.Option(None, "--quant", help="With --synthetic: mixed (default), 4, 8 or bf16."),
+    trials: int = typer.Option(5, "--trials", help="Timed trials per engine, after one warm-up."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the prompts, the noise and the random weights."),
+    json_path: str = typer.Option(None, "--json", help="Also write the full results to this JSON file."),
+    plot: str = typer.Option(None, "--plot", help="Also plot tok/s against steps per block (needs matplotlib)."),
+    cpu_dequantize: CpuDequantizeOption = CpuDequantize.auto,
+):
+    """Diffusion versus autoregressive decoding on this machine, side by side, against the roofline."""
+    from .bench.run import BenchError, Options, main as bench_main, parse_steps
+
+    try:
+        step_counts = parse_steps(steps)
+    except BenchError as e:
+        raise typer.BadParameter(str(e), param_hint="--steps") from None
+    options = Options(model, ar_model, synthetic, layers, step_counts, prompt_tokens, gen_tokens, quant, trials,
+                      seed, cpu_dequantize.value)
+    raise typer.Exit(bench_main(options, json_path, plot))
+
+
+# The options of Settings, which generate and chat both take.
+SETTINGS_OPTIONS = {
+    "model": Annotated[Optional[str], typer.Option(
+        "--model",
+        help=f"Hugging Face repo id or local directory (default: ${MODEL_ENV} if set, else {DEFAULT_MODEL}).")],
+    "max_tokens": Annotated[Optional[int], typer.Option(
+        "--max-tokens", "-m", min=1, help="Most tokens to generate (default: the checkpoint's, else 256).")],
+    "steps": Annotated[Optional[int], typer.Option(
+        "--steps", "--max-denoising-steps", min=1,
+        help="Most denoising steps per block (default: the checkpoint's).")],
+    "entropy_bound": Annotated[Optional[float], typer.Option(
+        "--entropy-bound", help="Entropy (nats) of the positions a step may accept; higher takes more per step.")],
+    "t_min": Annotated[Optional[float], typer.Option("--t-min", help="Temperature of the last step.")],
+    "t_max": Annotated[Optional[float], typer.Option("--t-max", help="Temperature of the first step.")],
+    "seed": Annotated[Optional[int], typer.Option("--seed", help="Seed of the sampler's random draws.")],
+    "system": Annotated[Optional[str], typer.Option("--system", "--system-prompt", help="System prompt.")],
+    "think": Annotated[bool, typer.Option(
+        "--think", help="Let the model think first; thoughts go to stderr, or dimmed into the live view.")],
+    "verbose": Annotated[bool, typer.Option("--verbose", help="Print mlx-lm's statistics lines after the answer.")],
+    "no_live": Annotated[bool, typer.Option("--no-live", help="No live canvas on a terminal, just the text.")],
+    "cpu_dequantize": CpuDequantizeOption,
+    "memory_limit": Annotated[Optional[str], typer.Option(
+        "--memory-limit", callback=memory_limit_option,
+        help="Memory to plan for, e.g. 24GB (default: what the device offers).")],
+    "debug": Annotated[bool, typer.Option("--debug", help="Show tracebacks.")],
+}
+
+
+def with_settings(command):
+    """Give ``command`` the options of SETTINGS_OPTIONS after its own; it gets them as ``settings``."""
+    own = [p for p in inspect.signature(command).parameters.values() if p.name != "settings"]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                default=getattr(Settings, name))
+              for name, annotation in SETTINGS_OPTIONS.items()]
+
+    @functools.wraps(command)
+    def run(**options):
+        values = {name: options.pop(name) for name in SETTINGS_OPTIONS}
+        values["cpu_dequantize"] = CpuDequantize(values["cpu_dequantize"]).value
+        return command(settings=Settings(**values), **options)
+
+    run.__signature__ = inspect.Signature(own + shared)
+    run.__annotations__ = {p.name: p.annotation for p in own + shared}
+    return run
+
+
+@app.command()
+@with_settings
+def generate(
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt; - reads it from stdin.")] = None,
+    prompt_file: Annotated[Optional[Path], typer.Option(
+        "--prompt-file", exists=True, dir_okay=False, help="Read the prompt from this file.")] = None,
+    no_chat_template: Annotated[bool, typer.Option(
+        "--no-chat-template", "--ignore-chat-template", help="Use the prompt as it is.")] = False,
+    json_output: Annotated[bool, typer.Option(
+        "--json", help="Print one JSON object with the answer and its statistics, nothing else.")] = False,
+    prompts_file: Annotated[Optional[Path], typer.Option(
+        "--prompts-file", exists=True, dir_okay=False,
+        help="Answer every prompt of this file (one per line, or JSON Lines with a \"prompt\"), batched; "
+        "the answers come in order, as JSON Lines with --json.")] = None,
+    *,
+    settings: Settings,
+):
+    """Answer one prompt, streaming the text block by block (or a file of prompts, batched)."""
+    if prompts_file is not None:
+        if prompt is not None or prompt_file is not None:
+            raise typer.BadParameter("--prompts-file replaces the prompt", param_hint="--prompts-file")
+        batch_command(settings, prompts_file, no_chat_template, json_output)
+    else:
+        generate_command(settings, prompt, prompt_file, no_chat_template, json_output)
+
+
+@app.command()
+@with_settings
+def chat(*, settings: Settings):
+    """Chat in the terminal; the KV cache is kept between turns."""
+    chat_command(settings)

@@ -252,7 +252,7 @@ def generate(model, tokenizer, prompt=None, *, verbose: bool = False, **kwargs) 
         peak_memory=last.peak_memory,
     )
     if verbose:
-        _print_summary(result)
+        print_summary(result)
     return result
 
 
@@ -266,7 +266,7 @@ class _Row:
     tokens_per_forward: float = 0.0
 
 
-def _print_summary(result: GenerationResult):
+def print_summary(result: GenerationResult):
     if len(result.texts) > 1:
         for i, text in enumerate(result.texts):
             print(f"[{i}] {text}")

@@ -1,0 +1,348 @@
+"""What ``mlxdg generate`` and ``mlxdg chat`` share: opening a checkpoint and
+refusing, before its weights are read, a request that cannot fit; running one
+answer with a view and a soft Ctrl-C; reporting errors in one line.
+"""
+
+import json
+import os
+import signal
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from mlx_lm.utils import load_tokenizer
+
+from .generate import Block, Draft, GenerationResult, generate, print_summary, prompt_ids, stream_generate
+from .live import make_view
+from .loader import CheckpointError, load_model, read_config, resolve_model_path
+from .memory import InsufficientMemory, checkpoint_weight_bytes, device_budget, largest_context, parse_size, plan
+from .model import ModelArgs
+from .sampler import SamplerConfig
+
+DEFAULT_MODEL = "mlx-community/diffusiongemma-26B-A4B-it-4bit"
+MODEL_ENV = "MLXDG_MODEL"
+
+# What the thinking channel opens with; the answer shows what follows it.
+CHANNEL_NAME = "thought\n"
+
+# The statistics every Block carries for the whole call so far, named as mlx-lm names them.
+STATS = ("prompt_tokens", "prompt_tps", "generation_tokens", "generation_tps", "peak_memory")
+
+
+class ContextTooLong(ValueError):
+    """A prompt that, with its answer, needs more positions than the model has."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The options ``generate`` and ``chat`` both take (see ``cli``)."""
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = None
+    steps: Optional[int] = None
+    entropy_bound: Optional[float] = None
+    t_min: Optional[float] = None
+    t_max: Optional[float] = None
+    seed: Optional[int] = None
+    system: Optional[str] = None
+    think: bool = False
+    verbose: bool = False
+    no_live: bool = False
+    cpu_dequantize: str = "auto"
+    memory_limit: Optional[str] = None
+    debug: bool = False
+
+    @property
+    def model_ref(self) -> str:
+        return self.model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+
+
+def memory_limit_option(value: Optional[str]) -> Optional[str]:
+    """Typer callback: a size ``memory.parse_size`` reads, checked at parse time."""
+    if value is not None:
+        try:
+            parse_size(value)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+    return value
+
+
+class Checkpoint:
+    """A checkpoint opened for generation: config, tokenizer and sampler
+    settings, but no weights until ``load``, so that requests that cannot fit
+    are refused first (``check_positions``, ``check_memory``)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.path = resolve_model_path(settings.model_ref)
+        self.config = read_config(self.path)
+        self.args = ModelArgs.from_dict(self.config)
+        self.tokenizer = load_tokenizer(self.path, eos_token_ids=self.config.get("eos_token_id"))
+        try:
+            self.sampler = SamplerConfig.from_checkpoint(self.path).override(
+                max_new_tokens=settings.max_tokens, max_denoising_steps=settings.steps,
+                entropy_bound=settings.entropy_bound, t_min=settings.t_min, t_max=settings.t_max)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+
+    def context(self, cached: int, new: int) -> int:
+        """Positions used once ``new`` tokens after ``cached`` ones have their
+        whole answer: the last canvas sits after every earlier block."""
+        L = self.args.canvas_length
+        return largest_context([cached + new], self.sampler.max_new_tokens, L) + L
+
+    def check_positions(self, cached: int, new: int, advice: str) -> None:
+        needed, allowed = self.context(cached, new), self.args.max_position_embeddings
+        if needed > allowed:
+            before = f" after {cached} earlier ones" if cached else ""
+            raise ContextTooLong(
+                f"the prompt is {new} tokens{before}; with up to {self.sampler.max_new_tokens} new tokens "
+                f"that needs {needed} positions, but the model has {allowed}; {advice}")
+
+    def check_memory(self, prompt_tokens: int) -> None:
+        """The planner's forecast from the safetensors sizes, before any weight is read."""
+        plan(self.args, checkpoint_weight_bytes(self.path), self.context(0, prompt_tokens),
+             _activation_bytes(self.config), device_budget(self.settings.memory_limit)).require()
+
+    def load(self):
+        model, _ = load_model(self.path, cpu_dequantize=self.settings.cpu_dequantize)
+        return model
+
+
+def _activation_bytes(config: dict) -> int:
+    text = config.get("text_config", {})
+    dtype = config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
+    return 4 if dtype == "float32" else 2
+
+
+class SoftInterrupt:
+    """While active, a first Ctrl-C only asks the running answer to stop after
+    the current denoising step, which leaves the KV cache whole; a second one
+    raises KeyboardInterrupt at once."""
+
+    requested = False
+
+    def __enter__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._previous)
+
+
+@dataclass
+class Answer:
+    """One answer as far as it was committed."""
+
+    text: str = ""
+    thinking: str = ""  # as generated: it opens with CHANNEL_NAME
+    tokens: List[int] = field(default_factory=list)
+    steps: List[int] = field(default_factory=list)
+    finish_reason: Optional[str] = None  # "stop", "length" or "interrupted"
+    cache_broken: bool = False  # a hard interrupt may have stopped the cache mid-update
+    last: Optional[Block] = None
+
+    @property
+    def shown_thinking(self) -> str:
+        if CHANNEL_NAME.startswith(self.thinking):
+            return ""
+        return self.thinking.removeprefix(CHANNEL_NAME)
+
+    def add(self, block: Block) -> None:
+        self.text += block.texts[0]
+        self.thinking += block.thinking[0]
+        self.tokens.extend(block.tokens[0].tolist())
+        self.steps.append(block.steps[0])
+        self.finish_reason = block.finish_reasons[0]
+        self.last = block
+
+    def _stats(self) -> dict:
+        """The running statistics of the last block; None before the first one."""
+        return {name: getattr(self.last, name, None) for name in STATS}
+
+    def result(self) -> GenerationResult:
+        """The answer as ``generate`` returns it; needs at least one block."""
+        return GenerationResult(texts=[self.text], thinking=[self.shown_thinking], tokens=[self.tokens],
+                                finish_reasons=[self.finish_reason], steps_per_block=[self.steps],
+                                tokens_per_forward=self.last.tokens_per_forward, **self._stats())
+
+    def as_json(self) -> dict:
+        return {
+            "text": self.text,
+            "thinking": self.shown_thinking,
+            "finish_reason": self.finish_reason,
+            "tokens": self.tokens,
+            "steps_per_block": self.steps,
+            **self._stats(),
+            "tokens_per_forward": self.last.tokens_per_forward[0] if self.last else None,
+        }
+
+
+def run_answer(model, tokenizer, prompt: List[int], sampler: SamplerConfig, settings: Settings, view,
+               interrupt: SoftInterrupt, cache: Optional[list] = None) -> Answer:
+    """Generate one answer to ``prompt`` (token ids), showing it on ``view``."""
+    answer = Answer()
+    events = stream_generate(model, tokenizer, prompt, config=sampler, seed=settings.seed, cache=cache,
+                             memory_limit=settings.memory_limit)
+    try:
+        for event in events:
+            if isinstance(event, Draft):
+                view.draft(event)
+            else:
+                shown = answer.shown_thinking
+                answer.add(event)
+                view.block(event.texts[0], answer.shown_thinking[len(shown):])
+            if interrupt.requested:
+                if answer.finish_reason is None:  # a Ctrl-C after the last block changes nothing
+                    answer.finish_reason = "interrupted"
+                break
+    except KeyboardInterrupt:
+        answer.finish_reason = "interrupted"
+        answer.cache_broken = True
+    finally:
+        events.close()
+        view.close(end_line=not settings.verbose)
+    if settings.verbose and answer.last:
+        print_summary(answer.result())
+    return answer
+
+
+def error_line(message: str) -> None:
+    typer.echo(f"mlxdg: {message}", err=True)
+
+
+@contextmanager
+def reported(debug: bool):
+    """Errors become one line on stderr and a non-zero exit; ``debug`` keeps the traceback."""
+    try:
+        yield
+    except (typer.Exit, typer.BadParameter):
+        raise
+    except (CheckpointError, InsufficientMemory, ContextTooLong) as e:
+        if debug:
+            raise
+        error_line(str(e))
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        error_line("interrupted")
+        raise typer.Exit(130) from None
+    except Exception as e:
+        if debug:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        error_line(f"{type(e).__name__}: {first} (--debug shows the traceback)")
+        raise typer.Exit(1) from None
+
+
+def first_messages(settings: Settings, message: str) -> List[dict]:
+    """The chat messages that open a conversation with ``message``."""
+    system = [{"role": "system", "content": settings.system}] if settings.system else []
+    return system + [{"role": "user", "content": message}]
+
+
+def generate_command(settings: Settings, prompt: Optional[str], prompt_file: Optional[Path],
+                     no_chat_template: bool, json_output: bool) -> None:
+    """``mlxdg generate``."""
+    with reported(settings.debug):
+        text = read_prompt(prompt, prompt_file)
+        checkpoint = Checkpoint(settings)
+        tokenizer = checkpoint.tokenizer
+        if no_chat_template or not tokenizer.has_chat_template:
+            if settings.system:
+                raise typer.BadParameter("needs the chat template", param_hint="--system")
+            ids = prompt_ids(tokenizer, text, None, False, False)[0]
+        else:
+            ids = prompt_ids(tokenizer, None, first_messages(settings, text), False, settings.think)[0]
+        checkpoint.check_positions(0, len(ids), "shorten the prompt or lower --max-tokens")
+        checkpoint.check_memory(len(ids))
+        model = checkpoint.load()
+        if json_output:
+            settings = replace(settings, verbose=False)
+        elif settings.verbose:
+            print("=" * 10)
+        view = make_view(tokenizer, checkpoint.sampler.max_denoising_steps, json_output, settings.no_live)
+        with SoftInterrupt() as interrupt:
+            answer = run_answer(model, tokenizer, ids.tolist(), checkpoint.sampler, settings, view, interrupt)
+        if json_output:
+            typer.echo(json.dumps({"model": str(checkpoint.path), "seed": settings.seed, **answer.as_json()}))
+        if answer.finish_reason == "interrupted":
+            blocks = len(answer.steps)
+            error_line(f"interrupted; the answer so far is the {blocks} committed block{'s' * (blocks != 1)}")
+            raise typer.Exit(130)
+
+
+def batch_command(settings: Settings, prompts_file: Path, no_chat_template: bool, json_output: bool) -> None:
+    """``mlxdg generate --prompts-file``: every prompt of the file, batched; the
+    answers in the file's order (JSON Lines with ``--json``)."""
+    with reported(settings.debug):
+        texts = read_prompts(prompts_file)
+        checkpoint = Checkpoint(settings)
+        tokenizer = checkpoint.tokenizer
+        use_template = not no_chat_template and tokenizer.has_chat_template
+        rows = [prompt_ids(tokenizer, None, first_messages(settings, text), False, settings.think)[0]
+                if use_template else prompt_ids(tokenizer, text, None, False, False)[0] for text in texts]
+        longest = max(len(ids) for ids in rows)
+        checkpoint.check_positions(0, longest, "shorten the longest prompt or lower --max-tokens")
+        checkpoint.check_memory(longest)
+        model = checkpoint.load()
+        result = generate(model, tokenizer, [ids.tolist() for ids in rows], config=checkpoint.sampler,
+                          seed=settings.seed, memory_limit=settings.memory_limit)
+        for i, text in enumerate(texts):
+            if json_output:
+                typer.echo(json.dumps({"index": i, "prompt": text, "text": result.texts[i],
+                                       "thinking": result.thinking[i], "finish_reason": result.finish_reasons[i],
+                                       "tokens": result.tokens[i], "steps_per_block": result.steps_per_block[i],
+                                       "tokens_per_forward": result.tokens_per_forward[i]}))
+            else:
+                typer.echo(result.texts[i] + "\n")
+        if settings.verbose and not json_output:
+            print_summary(result)
+
+
+def read_prompts(path: Path) -> List[str]:
+    """One prompt per line, or JSON Lines whose objects have a "prompt" (blank lines skipped)."""
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                prompts.append(str(json.loads(line)["prompt"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise typer.BadParameter(f'line {number} is not a JSON object with a "prompt"',
+                                         param_hint="--prompts-file") from None
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise typer.BadParameter("the file holds no prompt", param_hint="--prompts-file")
+    return prompts
+
+
+def read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
+    """The prompt from the argument, ``-`` (stdin) or ``--prompt-file``."""
+    if prompt is not None and prompt_file is not None:
+        raise typer.BadParameter("give the prompt or --prompt-file, not both", param_hint="PROMPT")
+    # A file or a pipe usually ends in a newline the user did not mean as part of the prompt.
+    if prompt_file is not None:
+        text = prompt_file.read_text().rstrip("\n")
+    elif prompt == "-":
+        text = sys.stdin.read().rstrip("\n")
+    elif prompt is None:
+        raise typer.BadParameter('give a prompt: mlxdg generate "..." , - to read stdin, or --prompt-file',
+                                 param_hint="PROMPT")
+    else:
+        text = prompt
+    if not text.strip():
+        raise typer.BadParameter("the prompt is empty", param_hint="PROMPT")
+    return text
