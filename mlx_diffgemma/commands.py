@@ -108,7 +108,8 @@ class Checkpoint:
              _activation_bytes(self.config), device_budget(self.settings.memory_limit)).require()
 
     def load(self):
-        model, _ = load_model(self.path, cpu_dequantize=self.settings.cpu_dequantize)
+        model, _ = load_model(self.path, cpu_dequantize=self.settings.cpu_dequantize,
+                              memory_budget=device_budget(self.settings.memory_limit))
         return model
 
 

@@ -70,11 +70,13 @@ def read_config(path: Path) -> Dict[str, Any]:
     return config
 
 
-def load_model(path: Path, lazy: bool = False, cpu_dequantize: str = "auto") -> Tuple[Model, Dict[str, Any]]:
+def load_model(path: Path, lazy: bool = False, cpu_dequantize: str = "auto",
+               memory_budget: int = None) -> Tuple[Model, Dict[str, Any]]:
     """The model and its config from a local checkpoint directory.
 
     ``cpu_dequantize`` (``"auto"``, ``"always"`` or ``"never"``) decides whether
-    quantized matrices become float32 at load (``cpu.prepare_weights``);
+    quantized matrices become float32 at load (``cpu.prepare_weights``, within
+    ``memory_budget`` bytes, the device's budget by default);
     ``model.weight_paths`` says what the dense layers and the experts run on.
     """
     read_config(path)
@@ -87,7 +89,7 @@ def load_model(path: Path, lazy: bool = False, cpu_dequantize: str = "auto") -> 
         raise CheckpointError(f"{path}: weights do not match the config: {_first_line(e)}") from None
     except Exception as e:  # corrupt or truncated safetensors surface as RuntimeError/OSError
         raise CheckpointError(f"{path}: cannot read the weights: {_first_line(e)}") from None
-    model.weight_paths = prepare_weights(model, cpu_dequantize, lazy=lazy)
+    model.weight_paths = prepare_weights(model, cpu_dequantize, lazy=lazy, budget=memory_budget)
     # generate() takes its sampler defaults from here, as the reference does from the checkpoint.
     model.generation_config = SamplerConfig.from_checkpoint(path)
     return model, config

@@ -51,6 +51,13 @@ def parse_size(text) -> int:
     return int(number * 1024 ** " KMGT".index(unit or " "))
 
 
+def human_size(n: float) -> str:
+    for unit, size in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
 def physical_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
@@ -127,10 +134,10 @@ class MemoryPlan:
             return
         need = self.weights + canvases * (self.kv_per_prompt + self.per_canvas)
         raise InsufficientMemory(
-            f"needs about {need / GiB:.1f} GiB ({self.weights / GiB:.1f} GiB weights, "
-            f"{canvases} x {(self.kv_per_prompt + self.per_canvas) / GiB:.2f} GiB per canvas) but "
-            f"{self.budget / GiB:.1f} GiB is available; use a smaller quantization, fewer prompts "
-            "at once, or --memory-limit if more memory is really free"
+            f"needs about {human_size(need)} ({human_size(self.weights)} weights, {canvases} x "
+            f"{human_size(self.kv_per_prompt + self.per_canvas)} per canvas) but {human_size(self.budget)} "
+            "is available; use a smaller quantization, fewer prompts at once, or --memory-limit if "
+            "more memory is really free"
         )
 
 
