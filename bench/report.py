@@ -153,6 +153,18 @@ ANSWERS_NOTE = ("Each column is timed at its longest answer (5, 20, 64, 256 toke
                 "'-' means the run made fewer tokens.")
 
 
+def _batch_table(result: dict) -> Table:
+    sweep = result["batch_sweep"]
+    table = _table(f"Batch sweep: canvases per forward pass ({sweep['steps_per_block']} steps per block, "
+                   "EOS and early stop off)", ["canvases", "total tok/s", "gain vs 1", "latency per request s",
+                                               "peak memory GB"])
+    for record in sweep["records"]:
+        gain = sweep["throughput_gain"][record["batch"]]
+        table.add_row(str(record["batch"]), _num(record["tokens_per_second"]), f"{gain:.2f}x",
+                      _num(record["request_latency_s"], 2), _num(record["peak_memory_gb"], 2))
+    return table
+
+
 def print_report(result: dict, console: Console) -> None:
     _header(result, console)
     console.print(_speed_table(result))
@@ -162,6 +174,8 @@ def print_report(result: dict, console: Console) -> None:
     console.print(_crossover_line(result), highlight=False)
     console.print(_answers_table(result))
     console.print(ANSWERS_NOTE, style="dim", highlight=False)
+    if "batch_sweep" in result:
+        console.print(_batch_table(result))
 
 
 def write_json(result: dict, path: str) -> None:
@@ -209,7 +223,8 @@ def write_plot(result: dict, path: str) -> str:
         ax.axvline(measured[e["name"]]["median"], linestyle=":", color=f"C{color}")
     ax.set(xlabel="denoising steps per block", ylabel="decode tokens/s", yscale="log",
            title=f"{result['model']['source']} on {result['machine']['device']}")
-    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    for axis_format in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        axis_format(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path)

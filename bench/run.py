@@ -22,6 +22,7 @@ from typing import Callable, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
+from mlx_diffgemma.bench.batching import batch_sweep, throughput_gains
 from mlx_diffgemma.bench.engines import ExpertCounter, EncoderLM, run_autoregressive, run_diffusion
 from mlx_diffgemma.bench.models import (QUANT, Models, Subject, add_ar_checkpoint, checkpoint_models,
                                         synthetic_models)
@@ -54,6 +55,17 @@ class Options:
     trials: int = 5
     seed: int = 0
     cpu_dequantize: str = "auto"
+    batches: Sequence[int] = ()  # canvases per forward pass to sweep; empty: no batch sweep
+
+
+def parse_batches(text: str) -> List[int]:
+    try:
+        batches = sorted({int(s) for s in text.split(",") if s.strip()} | {1})
+    except ValueError:
+        raise BenchError(f"--batch takes comma-separated batch sizes, such as 1,2,4,8; not {text!r}") from None
+    if batches[0] < 1:
+        raise BenchError("--batch sizes must be 1 or more")
+    return batches
 
 
 def parse_steps(text: str) -> List[int]:
@@ -401,7 +413,14 @@ def run(opts: Options, progress: Callable[[str], None]) -> dict:
     distinct_counts = warm_up(engines, models.args, opts.prompt_tokens, opts.seed)
     records = run_trials(engines, models.args, opts, progress)
     progress("probing the machine again")
-    return analyse(engines, records, distinct_counts, models, [before, probe_now(models.args)], opts)
+    result = analyse(engines, records, distinct_counts, models, [before, probe_now(models.args)], opts)
+    if opts.batches:
+        progress(f"batch sweep: {', '.join(map(str, opts.batches))} canvases at {min(opts.steps)} steps per block")
+        sweep = batch_sweep(models.diffusion.model, models.tokenizer, opts.batches, opts.prompt_tokens,
+                            opts.gen_tokens, min(opts.steps), opts.seed)
+        result["batch_sweep"] = {"steps_per_block": min(opts.steps), "records": [r.to_dict() for r in sweep],
+                                 "throughput_gain": throughput_gains(sweep)}
+    return result
 
 
 def main(opts: Options, json_path: Optional[str] = None, plot_path: Optional[str] = None) -> int:

@@ -84,16 +84,19 @@ def bench(
     json_path: str = typer.Option(None, "--json", help="Also write the full results to this JSON file."),
     plot: str = typer.Option(None, "--plot", help="Also plot tok/s against steps per block (needs matplotlib)."),
     cpu_dequantize: CpuDequantizeOption = CpuDequantize.auto,
+    batch: str = typer.Option(None, "--batch", help="Also sweep canvases per forward pass, e.g. 1,2,4,8: "
+                              "total tok/s and latency per request."),
 ):
     """Diffusion versus autoregressive decoding on this machine, side by side, against the roofline."""
-    from .bench.run import BenchError, Options, main as bench_main, parse_steps
+    from .bench.run import BenchError, Options, main as bench_main, parse_batches, parse_steps
 
     try:
         step_counts = parse_steps(steps)
+        batches = parse_batches(batch) if batch else ()
     except BenchError as e:
-        raise typer.BadParameter(str(e), param_hint="--steps") from None
+        raise typer.BadParameter(str(e), param_hint="--steps/--batch") from None
     options = Options(model, ar_model, synthetic, layers, step_counts, prompt_tokens, gen_tokens, quant, trials,
-                      seed, cpu_dequantize.value)
+                      seed, cpu_dequantize.value, batches)
     raise typer.Exit(bench_main(options, json_path, plot))
 
 

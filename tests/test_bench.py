@@ -30,7 +30,7 @@ def tiny_run(tmp_path_factory):
     result = CliRunner().invoke(app, [
         "bench", "--synthetic", "tiny", "--steps", ",".join(map(str, STEPS)), "--trials", str(TRIALS),
         "--prompt-tokens", "8", "--gen-tokens", str(GEN_TOKENS), "--json", str(out / "bench.json"),
-        "--plot", str(out / "bench.png")])
+        "--plot", str(out / "bench.png"), "--batch", "2,4"])
     assert result.exit_code == 0, result.output
     return result.output, json.loads((out / "bench.json").read_text()), out
 
@@ -174,3 +174,16 @@ def test_gemma4_reads_our_quantized_arrays_without_copies():
     assert ours.self_attn.q_proj.bits == theirs.self_attn.q_proj.bits == 8
     tokens = mx.array([[5, 9, 2, 77]])
     assert mx.allclose(EncoderLM(model)(tokens, model.make_cache())[:, -1], gemma(tokens)[:, -1], atol=1e-2).item()
+
+
+def test_batch_sweep_is_consistent(tiny_run):
+    output, result, _ = tiny_run
+    sweep = result["batch_sweep"]
+    assert [r["batch"] for r in sweep["records"]] == [1, 2, 4] and "Batch sweep" in output
+    for record in sweep["records"]:
+        # Fixed steps and no EOS: every request generates gen-tokens, whatever the batch.
+        assert record["generated_tokens"] == record["batch"] * GEN_TOKENS
+        assert _close(record["tokens_per_second"], record["generated_tokens"] / record["seconds"])
+    single = sweep["records"][0]["tokens_per_second"]
+    assert all(_close(sweep["throughput_gain"][str(r["batch"])], r["tokens_per_second"] / single)
+               for r in sweep["records"])
