@@ -8,14 +8,14 @@ import os
 import signal
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from mlx_lm.utils import load_tokenizer
 
-from .generate import Block, Draft, GenerationResult, generate, print_summary, prompt_ids, stream_generate
+from .generate import Block, Draft, GenerationResult, Statistics, generate, print_summary, prompt_ids, stream_generate
 from .live import make_view
 from .loader import CheckpointError, load_model, read_config, resolve_model_path
 from .memory import InsufficientMemory, checkpoint_weight_bytes, device_budget, largest_context, parse_size, plan
@@ -28,8 +28,8 @@ MODEL_ENV = "MLXDG_MODEL"
 # What the thinking channel opens with; the answer shows what follows it.
 CHANNEL_NAME = "thought\n"
 
-# The statistics every Block carries for the whole call so far, named as mlx-lm names them.
-STATS = ("prompt_tokens", "prompt_tps", "generation_tokens", "generation_tps", "peak_memory")
+# The statistics every Block carries for the whole call so far.
+STATS = tuple(f.name for f in fields(Statistics))
 
 
 class ContextTooLong(ValueError):

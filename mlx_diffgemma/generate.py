@@ -50,7 +50,18 @@ class Draft:
 
 
 @dataclass(frozen=True)
-class Block:
+class Statistics:
+    """The running statistics of a whole call, named as mlx-lm names them."""
+
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+
+
+@dataclass(frozen=True)
+class Block(Statistics):
     """A committed block, with the running statistics of the whole call."""
 
     block: int
@@ -62,19 +73,13 @@ class Block:
     steps: List[int]  # denoising steps each row ran in this block
     finish_reasons: List[Optional[str]]  # "stop" (end of sequence), "length", or None: more blocks follow
     tokens_per_forward: List[float]  # each row's so far: non-pad tokens per decoder pass, as the reference counts
-    prompt_tokens: int
-    prompt_tps: float
-    generation_tokens: int
-    generation_tps: float
-    peak_memory: float  # GB
-
     @property
     def text(self) -> str:
         return _only(self.texts)
 
 
 @dataclass(frozen=True)
-class GenerationResult:
+class GenerationResult(Statistics):
     """What ``generate`` returns; every list has one entry per batch row."""
 
     texts: List[str]  # the answers: no thinking channel, no special tokens, nothing after EOS
@@ -83,12 +88,6 @@ class GenerationResult:
     finish_reasons: List[str]  # "stop" (end-of-sequence token) or "length"
     steps_per_block: List[List[int]]
     tokens_per_forward: List[float]  # non-pad tokens per decoder pass, as the reference counts them
-    prompt_tokens: int
-    prompt_tps: float
-    generation_tokens: int
-    generation_tps: float
-    peak_memory: float  # GB
-
     @property
     def text(self) -> str:
         return _only(self.texts)
