@@ -67,11 +67,6 @@ class SlidingWindowCache(_BaseCache):
         self.max_size, self.offset = map(int, v)
 
 
-def cached_length(cache: List[_BaseCache]) -> int:
-    """Positions encoded so far (the position of the next token)."""
-    return cache[0].offset
-
-
 class _BatchedLayer:
     """One layer of a BatchedContext, with the interface the attention layer uses."""
 
