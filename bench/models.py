@@ -22,7 +22,7 @@ from mlx_diffgemma.bench.roofline import ParameterCounts, denoise_step
 from mlx_diffgemma.bench.synthetic import build_diffusion_model, gemma4_args, synthetic_args
 from mlx_diffgemma.convert import recipes
 from mlx_diffgemma.cpu import prepare_weights
-from mlx_diffgemma.memory import checkpoint_weight_bytes, device_budget
+from mlx_diffgemma.memory import checkpoint_weight_bytes, device_budget, weight_bytes
 
 # --quant: (recipe, bits of the experts); None keeps bfloat16.
 QUANT = {"mixed": ("mixed", 4), "4": ("4bit", 4), "8": ("8bit", 8), "bf16": None}
@@ -48,10 +48,6 @@ class Models:
     tokenizer: object
     ar: Optional[Subject]
     description: dict
-
-
-def _nbytes(model) -> int:
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
 def _leaves(model) -> dict:
@@ -115,9 +111,9 @@ def gemma4_on_same_weights(model) -> gemma4_text.Model:
 def _prepared(model, params: int, stored_bits: float, cpu_dequantize: str) -> Subject:
     """The model in the form this device runs (cpu.prepare_weights), within
     what the models already loaded leave of the memory budget."""
-    others = mx.get_active_memory() - _nbytes(model)
+    others = mx.get_active_memory() - weight_bytes(model)
     paths = prepare_weights(model, cpu_dequantize, budget=device_budget() - others)
-    return Subject(model, paths, stored_bits, 8 * _nbytes(model) / params, _expert_bits(model))
+    return Subject(model, paths, stored_bits, 8 * weight_bytes(model) / params, _expert_bits(model))
 
 
 def _vocabulary_share(args) -> float:
@@ -151,7 +147,7 @@ def synthetic_models(shape: str, layers: Optional[int], quant: str, seed: int, c
     params = ParameterCounts.of(args).total
     predicate = recipe_predicate(*QUANT[quant]) if QUANT[quant] else None
     model = build_diffusion_model(args, mx.bfloat16, seed, predicate)
-    diffusion = _prepared(model, params, 8 * _nbytes(model) / params, cpu_dequantize)
+    diffusion = _prepared(model, params, 8 * weight_bytes(model) / params, cpu_dequantize)
     ar = None
     if with_gemma4:
         ar = Subject(gemma4_on_same_weights(model), diffusion.weight_paths, diffusion.stored_bits,
@@ -172,7 +168,7 @@ def checkpoint_models(path_or_repo: str, cpu_dequantize: str) -> Models:
     path = resolve_model_path(path_or_repo)
     params = ParameterCounts.of(model.args).total
     stored = 8 * checkpoint_weight_bytes(path) / params
-    diffusion = Subject(model, model.weight_paths, stored, 8 * _nbytes(model) / params, _expert_bits(model))
+    diffusion = Subject(model, model.weight_paths, stored, 8 * weight_bytes(model) / params, _expert_bits(model))
     return Models(model.args, model.args, diffusion, tokenizer, None, {
         "source": path_or_repo,
         "ar_source": None,
@@ -188,5 +184,5 @@ def add_ar_checkpoint(models: Models, path_or_repo: str, cpu_dequantize: str) ->
 
     model, _ = mlx_lm.load(path_or_repo)
     params = ParameterCounts.of(models.args).total
-    models.ar = _prepared(model, params, 8 * _nbytes(model) / params, cpu_dequantize)
+    models.ar = _prepared(model, params, 8 * weight_bytes(model) / params, cpu_dequantize)
     models.description["ar_source"] = path_or_repo

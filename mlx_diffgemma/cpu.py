@@ -20,7 +20,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-from .memory import device_budget
+from .memory import device_budget, weight_bytes
 
 CPU_DEQUANTIZE_MODES = ("auto", "always", "never")
 
@@ -38,10 +38,6 @@ _FLOAT_TYPES = (nn.Linear, nn.Embedding, SwitchLinear)
 
 def on_cpu() -> bool:
     return mx.default_device().type == mx.cpu
-
-
-def _nbytes(module: nn.Module) -> int:
-    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
 
 
 def _dequantized_weight(module: nn.Module) -> mx.array:
@@ -109,7 +105,7 @@ def prepare_weights(model: nn.Module, cpu_dequantize: str = "auto", lazy: bool =
     cpu = on_cpu()
     if budget is None and cpu:
         budget = device_budget()
-    total = _nbytes(model)
+    total = weight_bytes(model)
     counts = {g: {"quantized": 0, "half": 0, "dequantized": 0, "upcast": 0} for g in ("dense", "experts")}
     skipped = False
     for path, module in _candidates(model):
@@ -123,7 +119,7 @@ def prepare_weights(model: nn.Module, cpu_dequantize: str = "auto", lazy: bool =
             wanted, unlimited = cpu, False
         if not wanted:
             continue
-        grown = total + _float32_bytes(module) - _nbytes(module)
+        grown = total + _float32_bytes(module) - weight_bytes(module)
         if not unlimited and grown > budget:
             skipped = True
             continue

@@ -24,10 +24,9 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
 
 from .cache import BatchedContext
-from .memory import largest_context, parse_size, plan
+from .memory import largest_context, parse_size, plan, weight_bytes
 from .sampler import MLXNoise, NoiseSource, SamplerConfig, decide, empty_history, temper, temperatures
 
 SAMPLER_OPTIONS = ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max",
@@ -203,13 +202,12 @@ def stream_generate(
 def batch_size(model, prompts, config: SamplerConfig, max_batch, memory_limit, cache) -> int:
     """Canvases to denoise at once: ``max_batch``, else as many as the memory
     planner fits; raises ``InsufficientMemory`` when not even one fits."""
-    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     context = largest_context([len(p) for p in prompts], config.max_new_tokens, model.args.canvas_length)
     if cache is not None:
         context += cache[0].offset
     dtype_bytes = model.dtype.size
     budget = None if memory_limit is None else parse_size(memory_limit)
-    memory = plan(model.args, weights, context, dtype_bytes, budget)
+    memory = plan(model.args, weight_bytes(model), context, dtype_bytes, budget)
     memory.require(1 if max_batch is None else min(max_batch, len(prompts)))
     return max(1, min(max_batch or memory.max_canvases, len(prompts)))
 

@@ -7,12 +7,11 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
-from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model as _mlx_lm_load_model
 from mlx_lm.utils import load_tokenizer
 
 from .cpu import prepare_weights
-from .memory import wire_weights
+from .memory import weight_bytes, wire_weights
 from .model import MODEL_TYPE, Model, ModelArgs
 from .sampler import SamplerConfig
 
@@ -92,7 +91,7 @@ def load_model(path: Path, lazy: bool = False, cpu_dequantize: str = "auto",
     except Exception as e:  # corrupt or truncated safetensors surface as RuntimeError/OSError
         raise CheckpointError(f"{path}: cannot read the weights: {_first_line(e)}") from None
     model.weight_paths = prepare_weights(model, cpu_dequantize, lazy=lazy, budget=memory_budget)
-    wire_weights(sum(v.nbytes for _, v in tree_flatten(model.parameters())))
+    wire_weights(weight_bytes(model))
     # generate() takes its sampler defaults from here, as the reference does from the checkpoint.
     model.generation_config = SamplerConfig.from_checkpoint(path)
     return model, config

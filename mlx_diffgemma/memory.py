@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from .model import VISION_PREFIXES, ModelArgs
 
@@ -74,6 +75,11 @@ def device_budget(limit=None) -> int:
             return int(info[key])
     total = physical_memory()
     return total - max(int(total * CPU_RESERVE_FRACTION), CPU_MIN_RESERVE)
+
+
+def weight_bytes(module) -> int:
+    """Bytes of a loaded module's parameters, as they are held now."""
+    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
 
 
 def checkpoint_weight_bytes(path: Path) -> int:

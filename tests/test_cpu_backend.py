@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from mlx_diffgemma import cpu
 from mlx_diffgemma.cli import CpuDequantize, CpuDequantizeOption
 from mlx_diffgemma.loader import load_model
+from mlx_diffgemma.memory import weight_bytes
 
 pytestmark = pytest.mark.skipif(mx.default_device().type != mx.cpu, reason="checks the CPU backend")
 
@@ -133,7 +134,7 @@ def test_each_cpu_dequantize_mode_gives_the_quantized_tokens(quantized_checkpoin
 def test_auto_dequantizes_what_fits_the_embedding_first(quantized_checkpoint, capfd):
     model, _ = load_model(quantized_checkpoint, cpu_dequantize="never")
     embedding = model.model.decoder.embed_tokens
-    room = cpu._nbytes(model) + cpu._float32_bytes(embedding) - cpu._nbytes(embedding)
+    room = weight_bytes(model) + cpu._float32_bytes(embedding) - weight_bytes(embedding)
     paths = cpu.prepare_weights(model, "auto", budget=room)
     assert paths == {"dense": cpu.PARTLY_DEQUANTIZED, "experts": cpu.QUANTIZED}
     assert type(model.model.decoder.embed_tokens) is nn.Embedding
