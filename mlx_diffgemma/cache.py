@@ -67,6 +67,11 @@ class SlidingWindowCache(_BaseCache):
         self.max_size, self.offset = map(int, v)
 
 
+def _stack(arrays) -> mx.array:
+    """Rows stacked along the batch axis; a single row as it is, not copied once per block."""
+    return arrays[0] if len(arrays) == 1 else mx.concatenate(arrays)
+
+
 class _BatchedLayer:
     """One layer of a BatchedContext, with the interface the attention layer uses."""
 
@@ -110,7 +115,7 @@ class BatchedContext:
                 self.valid.append(None)
                 continue
             keys, values = zip(*[self._left_pad(c, contexts, longest) for c in contexts])
-            self.layers.append(_BatchedLayer(mx.concatenate(keys), mx.concatenate(values), caches))
+            self.layers.append(_BatchedLayer(_stack(keys), _stack(values), caches))
             padding = mx.array([longest - n for n in lengths])
             self.valid.append(None if not any(longest - n for n in lengths)
                               else mx.arange(longest)[None] >= padding[:, None])
