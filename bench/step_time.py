@@ -3,8 +3,9 @@
     python -m mlx_diffgemma.bench.step_time [--shape small] [--layers 2] [--batch 1] [--json out.json]
 
 A step is timed as generation runs it: the decoder pass over the canvas with
-self-conditioning, the sampler and the noise draws, evaluated as one graph.
-The decoder pass alone is timed too, so the sampler's share is visible. A
+self-conditioning, the sampler, the noise draws and the next step's
+self-conditioning input. The decoder pass and vocabulary projection alone are
+timed too, so the share of the sampler and self-conditioning is visible. A
 commit encodes one canvas-length block into the cache; commits follow each
 other, so the context grows by one block per commit, as in generation. This
 is the baseline for speed work; nothing here is a test.
@@ -56,16 +57,16 @@ def measure(args, batch: int, prompt_tokens: int, repeats: int, warmup: int, dty
     prefill_ms = 1e3 * (time.perf_counter() - start)
 
     canvas = noise.canvas(rows, L, V, block=0, step=0)
-    self_conditioning = model.denoise(canvas, cache) / float(temperatures(config)[0])
+    soft = model.soft_embeddings(model.denoise(canvas, cache) / float(temperatures(config)[0]))
     history = empty_history(config, batch, L)
-    mx.eval(canvas, self_conditioning)
+    mx.eval(canvas, soft)
 
     def step():
-        mx.eval(denoise_step(model, cache, canvas, self_conditioning, history, config,
-                             float(temperatures(config)[-1]), noise, rows, [0] * len(rows), 1))
+        denoise_step(model, cache, canvas, soft, history, config, float(temperatures(config)[1]), noise, rows,
+                     [0] * len(rows), 2)
 
     def forward():
-        mx.eval(model.denoise(canvas, cache, self_conditioning))
+        mx.eval(model.logits(model.hidden_states(canvas, cache, soft)))
 
     step_ms = _timed(step, repeats, warmup)
     forward_ms = _timed(forward, repeats, warmup)

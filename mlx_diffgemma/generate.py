@@ -3,8 +3,10 @@
 The prompt is encoded once. Each block then starts from a random canvas and
 is denoised for up to ``max_denoising_steps`` steps (see ``sampler``); its
 argmax is committed and encoded into the cache before the next block, except
-for the last block, which nothing reads. Every step is one MLX graph,
-evaluated once together with the stop test.
+for the last block, which nothing reads. A step evaluates three graphs in
+turn: the decoder over the canvases, then the vocabulary projection with the
+sampler, then the next step's self-conditioning input, so that no logits
+outlive their rows' sampling.
 
 Prompts are batched: every prompt keeps its own cache, and each block the
 rows are denoised together through a ``BatchedContext`` (left-padded, with
@@ -14,8 +16,12 @@ leaves the computation for the rest of that block, and a row that produced an
 end-of-sequence token gets no further blocks. When more prompts wait than the
 batch holds (``max_batch``, by default what the memory planner allows), a row
 that finishes frees its slot for the next prompt at the next block boundary.
+The logits ([canvas, vocab] float32, far larger than anything else a canvas
+needs) exist only for as many rows at a time as the planner fits, so the
+batch is not limited by them.
 """
 
+import itertools
 import math
 import time
 from collections import deque
@@ -153,7 +159,7 @@ def stream_generate(
     if cache is not None and len(prompts) != 1:
         raise ValueError("cache= continues one conversation; give a single prompt")
     config = resolve_config(model, tokenizer, config, options)
-    max_batch = batch_size(model, prompts, config, max_batch, memory_limit, cache)
+    max_batch, logits_rows = batch_size(model, prompts, config, max_batch, memory_limit, cache)
     noise = noise or MLXNoise(seed)
     markers = _TextMarkers(tokenizer, config.eos_token_id)
     answers = [_AnswerText(tokenizer, markers) for _ in prompts]
@@ -164,7 +170,7 @@ def stream_generate(
     mx.reset_peak_memory()
     start = time.perf_counter()
     generated = 0
-    for event in _generate(model, prompts, config, noise, max_batch, cache):
+    for event in _generate(model, prompts, config, noise, max_batch, logits_rows, cache):
         if isinstance(event, Draft):
             yield event
             continue
@@ -199,9 +205,10 @@ def stream_generate(
         )
 
 
-def batch_size(model, prompts, config: SamplerConfig, max_batch, memory_limit, cache) -> int:
-    """Canvases to denoise at once: ``max_batch``, else as many as the memory
-    planner fits; raises ``InsufficientMemory`` when not even one fits."""
+def batch_size(model, prompts, config: SamplerConfig, max_batch, memory_limit, cache) -> Tuple[int, int]:
+    """Canvases to denoise at once (``max_batch``, else as many as the memory
+    planner fits) and how many of them may have their logits at once; raises
+    ``InsufficientMemory`` when not even one canvas fits."""
     context = largest_context([len(p) for p in prompts], config.max_new_tokens, model.args.canvas_length)
     if cache is not None:
         context += cache[0].offset
@@ -209,7 +216,8 @@ def batch_size(model, prompts, config: SamplerConfig, max_batch, memory_limit, c
     budget = None if memory_limit is None else parse_size(memory_limit)
     memory = plan(model.args, weight_bytes(model), context, dtype_bytes, budget)
     memory.require(1 if max_batch is None else min(max_batch, len(prompts)))
-    return max(1, min(max_batch or memory.max_canvases, len(prompts)))
+    canvases = max(1, min(max_batch or memory.max_canvases, len(prompts)))
+    return canvases, memory.logits_rows(canvases)
 
 
 def generate(model, tokenizer, prompt=None, *, verbose: bool = False, **kwargs) -> GenerationResult:
@@ -335,7 +343,7 @@ class _Slot:
 
 
 def _generate(model, prompts: List[np.ndarray], config: SamplerConfig, noise: NoiseSource, max_batch: int,
-              cache: Optional[list]):
+              logits_rows: int, cache: Optional[list]):
     """Token-level generation: yields ``Draft``s and ``_Committed`` blocks."""
     L = model.args.canvas_length
     n_blocks = math.ceil(config.max_new_tokens / L)
@@ -360,7 +368,7 @@ def _generate(model, prompts: List[np.ndarray], config: SamplerConfig, noise: No
         context = BatchedContext([slot.cache for slot in active])
         rows = np.array([slot.row for slot in active])
         blocks = np.array([slot.block for slot in active])
-        tokens, steps = yield from _denoise_block(model, context, rows, blocks, round_, config, noise)
+        tokens, steps = yield from _denoise_block(model, context, rows, blocks, round_, config, noise, logits_rows)
         is_eos = np.isin(tokens, eos)
         finished = is_eos.any(axis=1) | (blocks == n_blocks - 1)
         if config.pad_token_id is not None:
@@ -380,38 +388,81 @@ def _generate(model, prompts: List[np.ndarray], config: SamplerConfig, noise: No
 
 def _by_block(draw, rows: Sequence[int], blocks: Sequence[int], *args, step: int) -> mx.array:
     """One noise draw for rows that may be at different blocks: one call per
-    block, so a row's draws never depend on which other rows share its batch."""
-    groups = sorted(set(blocks))
-    if len(groups) == 1:
-        return draw(*args, list(rows), block=groups[0], step=step)
-    parts, order = [], []
-    for block in groups:
-        members = [i for i, b in enumerate(blocks) if b == block]
-        member_args = [a[mx.array(members)] if isinstance(a, mx.array) else a for a in args]
-        parts.append(draw(*member_args, [rows[i] for i in members], block=block, step=step))
-        order += members
-    return mx.concatenate(parts)[mx.array(np.argsort(order))]
+    run of neighbouring rows at the same block, so no call mixes blocks (noise
+    sources key their draws by block), and ``args`` (the logits) are passed as
+    views, never copied."""
+    parts = []
+    for block, run in itertools.groupby(range(len(rows)), key=lambda i: blocks[i]):
+        run = list(run)
+        part = slice(run[0], run[-1] + 1)
+        parts.append(draw(*(a[part] for a in args), list(rows[part]), block=block, step=step))
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts)
 
 
-def denoise_step(model, context, canvas, self_conditioning, history, config: SamplerConfig, temperature: float,
-                 noise: NoiseSource, rows: Sequence[int], blocks: Sequence[int], step: int):
+@dataclass
+class Step:
+    """One denoising step of a batch, evaluated."""
+
+    canvas: mx.array  # [B, L] the next step's input
+    argmax: mx.array  # [B, L] what would be committed now
+    accepted: mx.array  # [B] positions whose proposals were kept
+    stop: np.ndarray  # [B] whether the row's block is done
+    history: mx.array  # [stability_threshold, B, L]
+    # The next step's self-conditioning, for the rows that go on (stop false),
+    # in their order; None after the schedule's last step or when all stop.
+    soft_embeddings: Optional[mx.array]
+
+
+def denoise_step(model, context, canvas, soft_embeddings, history, config: SamplerConfig, temperature: float,
+                 noise: NoiseSource, rows: Sequence[int], blocks: Sequence[int], step: int, *,
+                 logits_rows: Optional[int] = None, last: bool = False) -> Step:
     """One denoising step of ``canvas`` [len(rows), L] for batch ``rows`` (at
-    ``blocks``), as lazy arrays: the next canvas, the processed logits (the
-    next step's self-conditioning), the argmax, how many positions were
-    accepted, whether each row stops, and the updated argmax history."""
+    ``blocks``). The body runs on every row at once; the logits and everything
+    computed from them (tempering, entropy, sampling, the next step's
+    self-conditioning) exist for ``logits_rows`` rows at a time, all rows when
+    None. ``last`` skips the self-conditioning that no step would read."""
+    hidden = model.hidden_states(canvas, context, soft_embeddings)
+    mx.eval(hidden)
+    size = logits_rows or len(rows)
+    parts = [_sample(model, hidden[start : start + size], history[:, start : start + size], config, temperature,
+                     noise, rows[start : start + size], blocks[start : start + size], step, last)
+             for start in range(0, len(rows), size)]
+    if len(parts) == 1:
+        return parts[0]
+    softs = [p.soft_embeddings for p in parts if p.soft_embeddings is not None]
+    return Step(
+        canvas=mx.concatenate([p.canvas for p in parts]),
+        argmax=mx.concatenate([p.argmax for p in parts]),
+        accepted=mx.concatenate([p.accepted for p in parts]),
+        stop=np.concatenate([p.stop for p in parts]),
+        history=mx.concatenate([p.history for p in parts], axis=1),
+        soft_embeddings=mx.concatenate(softs) if softs else None,
+    )
+
+
+def _sample(model, hidden, history, config: SamplerConfig, temperature: float, noise: NoiseSource,
+            rows: Sequence[int], blocks: Sequence[int], step: int, last: bool) -> Step:
+    """The sampler's part of a step for some rows, from their hidden states;
+    their logits are freed when it returns."""
     L, V = model.args.canvas_length, model.args.vocab_size
-    logits = model.denoise(canvas, context, self_conditioning)
-    processed, entropy, argmax = temper(logits, mx.array(temperature))
+    processed, entropy, argmax = temper(model.logits(hidden), mx.array(temperature))
     proposal = _by_block(noise.proposal, rows, blocks, processed, step=step)
     renoise = _by_block(lambda rows, **kw: noise.canvas(rows, L, V, **kw), rows, blocks, step=step)
     canvas, accepted, stop, history = decide(
         entropy, argmax, proposal.astype(renoise.dtype), renoise, history,
         mx.array(config.entropy_bound, dtype=mx.float32), mx.array(config.confidence_threshold, dtype=mx.float32))
-    return canvas, processed, argmax, accepted, stop, history
+    mx.eval(canvas, argmax, accepted, stop, history)
+    stop = np.array(stop)
+    soft = None
+    if not last and not stop.all():
+        going = processed if not stop.any() else processed[mx.array(np.flatnonzero(~stop))]
+        soft = model.soft_embeddings(going)
+        mx.eval(soft)
+    return Step(canvas, argmax, accepted, stop, history, soft)
 
 
 def _denoise_block(model, context: BatchedContext, rows: np.ndarray, blocks: np.ndarray, round_: int,
-                   config: SamplerConfig, noise: NoiseSource):
+                   config: SamplerConfig, noise: NoiseSource, logits_rows: Optional[int]):
     """Denoise one block for batch ``rows``; returns its argmax [len(rows), L]
     and the steps each row ran."""
     L, V = model.args.canvas_length, model.args.vocab_size
@@ -420,33 +471,31 @@ def _denoise_block(model, context: BatchedContext, rows: np.ndarray, blocks: np.
     active = np.arange(len(rows))  # positions in ``rows`` still denoising
     view = context
     canvas = _by_block(lambda rows, **kw: noise.canvas(rows, L, V, **kw), rows.tolist(), blocks.tolist(), step=0)
-    self_conditioning = None
+    soft_embeddings = None
     history = empty_history(config, len(rows), L)
+    schedule = temperatures(config)
 
-    for step, temperature in enumerate(temperatures(config), start=1):
-        canvas, processed, argmax, accepted, stop, history = denoise_step(
-            model, view, canvas, self_conditioning, history, config, temperature, noise,
-            rows[active].tolist(), blocks[active].tolist(), step)
-        mx.eval(canvas, processed, argmax, accepted, stop, history)
-
-        stop = np.array(stop)
-        result[active] = np.array(argmax)
+    for step, temperature in enumerate(schedule, start=1):
+        out = denoise_step(model, view, canvas, soft_embeddings, history, config, temperature, noise,
+                           rows[active].tolist(), blocks[active].tolist(), step,
+                           logits_rows=logits_rows, last=step == len(schedule))
+        result[active] = np.array(out.argmax)
         steps[active] += 1
         counts = np.zeros(len(rows), dtype=np.int64)
-        counts[active] = np.array(accepted)
+        counts[active] = np.array(out.accepted)
         stopped = np.ones(len(rows), dtype=bool)
-        stopped[active] = stop
+        stopped[active] = out.stop
         yield Draft(round_, step, tuple(rows.tolist()), tuple(blocks.tolist()), result.copy(), counts, stopped)
 
-        if stop.all():
+        if out.stop.all():
             break
-        if stop.any():
-            keep = np.flatnonzero(~stop)
+        canvas, history, soft_embeddings = out.canvas, out.history, out.soft_embeddings
+        if out.stop.any():
+            keep = np.flatnonzero(~out.stop)
             active = active[keep]
             index = mx.array(keep)
-            canvas, processed, history = canvas[index], processed[index], history[:, index]
+            canvas, history = canvas[index], history[:, index]
             view = context.take(active.tolist())
-        self_conditioning = processed
     return result, steps
 
 

@@ -2,8 +2,11 @@
 
 A denoising step reads nearly every weight whatever the batch, so throughput
 comes from denoising several canvases at once. What limits that is memory:
-each canvas needs its logits ([canvas, vocab] float32, 268 MB for the real
-model) and the sampler's working copies of them, and each prompt its KV cache.
+each prompt needs its KV cache and each canvas its activations, small next to
+its logits ([canvas, vocab] float32, 268 MB for the real model) and the
+sampler's working copies of them. So the planner fits as many canvases as the
+cache and activations allow, and then as many canvases' logits at once as
+the rest allows; the engine computes the logits that many rows at a time.
 """
 
 import json
@@ -22,12 +25,13 @@ from .model import VISION_PREFIXES, ModelArgs
 
 GiB = 1 << 30
 
-# Live [canvas, vocab] float32 buffers at the peak of a denoising step of the
-# engine (``generate.denoise_step``): the previous step's processed logits,
-# kept for self-conditioning, and the new logits with the sampler's working
-# copies. Measured with mx.get_peak_memory() on the small synthetic models of
-# tests/test_memory.py; change it when that code path changes.
-LOGIT_BUFFERS_PER_CANVAS = 4.0
+# Live [canvas, vocab] float32 buffers per canvas whose logits are being
+# computed, at the peak of a denoising step of the engine
+# (``generate.denoise_step``): the tempered logits, kept for the
+# self-conditioning softmax, and the sampler's two working buffers. Measured
+# with mx.get_peak_memory() on the small synthetic model of tests/test_memory.py;
+# change it when that code path changes.
+LOGIT_BUFFERS_PER_CANVAS = 3.0
 
 # What the CPU backend leaves to the OS and other programs.
 CPU_RESERVE_FRACTION = 0.15
@@ -112,14 +116,21 @@ def kv_bytes(args: ModelArgs, context: int, dtype_bytes: int) -> int:
 
 
 def canvas_bytes(args: ModelArgs, context: int, dtype_bytes: int) -> int:
-    """Peak working memory of one canvas in a denoising step, besides weights and cache."""
+    """Peak working memory of one canvas in the body of a denoising step,
+    besides weights, cache and logits."""
     L = args.canvas_length
-    logits = LOGIT_BUFFERS_PER_CANVAS * L * args.vocab_size * 4
     # Attention scores over [cache; canvas] (the CPU backend materialises them) and
     # the routed experts' intermediate activations, for the widest layer.
     attention = args.num_attention_heads * L * (context + L) * 4
     experts = L * args.top_k_experts * 3 * args.moe_intermediate_size * dtype_bytes
-    return int(logits + attention + experts)
+    # The hidden states, the self-conditioning input and the residual stream around them.
+    hidden = 4 * L * args.hidden_size * dtype_bytes
+    return attention + experts + hidden
+
+
+def logits_bytes(args: ModelArgs) -> int:
+    """Peak memory of one canvas's logits and the sampler's work on them."""
+    return int(LOGIT_BUFFERS_PER_CANVAS * args.canvas_length * args.vocab_size * 4)
 
 
 @dataclass(frozen=True)
@@ -127,21 +138,32 @@ class MemoryPlan:
     budget: int
     weights: int
     kv_per_prompt: int
-    per_canvas: int
+    per_canvas: int  # activations of the body
+    logits_per_canvas: int
+
+    def peak(self, canvases: int, logits_rows: int) -> int:
+        """Forecast peak of ``canvases`` canvases whose logits exist ``logits_rows`` at a time."""
+        return self.weights + canvases * (self.kv_per_prompt + self.per_canvas) + logits_rows * self.logits_per_canvas
 
     @property
     def max_canvases(self) -> int:
-        """Canvases that can be denoised together, each with its prompt's cache."""
-        free = self.budget - self.weights
+        """Canvases that can be denoised together, each with its prompt's
+        cache, with the logits of one canvas at a time."""
+        free = self.budget - self.weights - self.logits_per_canvas
         return max(free // (self.kv_per_prompt + self.per_canvas), 0)
+
+    def logits_rows(self, canvases: int) -> int:
+        """How many of ``canvases`` canvases can have their logits at once (at least 1)."""
+        free = self.budget - self.peak(canvases, 0)
+        return int(min(canvases, max(free // self.logits_per_canvas, 1)))
 
     def require(self, canvases: int = 1) -> None:
         if self.max_canvases >= canvases:
             return
-        need = self.weights + canvases * (self.kv_per_prompt + self.per_canvas)
         raise InsufficientMemory(
-            f"needs about {human_size(need)} ({human_size(self.weights)} weights, {canvases} x "
-            f"{human_size(self.kv_per_prompt + self.per_canvas)} per canvas) but {human_size(self.budget)} "
+            f"needs about {human_size(self.peak(canvases, 1))} ({human_size(self.weights)} weights, {canvases} x "
+            f"{human_size(self.kv_per_prompt + self.per_canvas)} per canvas, "
+            f"{human_size(self.logits_per_canvas)} for logits) but {human_size(self.budget)} "
             "is available; use a smaller quantization, fewer prompts at once, or --memory-limit if "
             "more memory is really free"
         )
@@ -154,6 +176,7 @@ def plan(args: ModelArgs, weight_bytes: int, context: int, dtype_bytes: int = 2,
         weights=weight_bytes,
         kv_per_prompt=kv_bytes(args, context, dtype_bytes),
         per_canvas=canvas_bytes(args, context, dtype_bytes),
+        logits_per_canvas=logits_bytes(args),
     )
 
 

@@ -378,15 +378,29 @@ class Model(nn.Module):
 
         ``self_conditioning_logits`` are the previous step's processed
         (temperature-divided) logits; ``None`` on the first step of a block.
+        The engine runs the three parts separately, so that it never needs
+        every row's logits at once.
         """
+        soft = None if self_conditioning_logits is None else self.soft_embeddings(self_conditioning_logits)
+        return self.logits(self.hidden_states(canvas, cache, soft))
+
+    def soft_embeddings(self, processed_logits: mx.array) -> mx.array:
+        """The self-conditioning input [B, L, hidden] of the next step: the
+        token embeddings weighted by softmax(``processed_logits``), scaled as
+        the embedding is."""
+        embedding = self.model.decoder.embed_tokens
+        dtype = self.dtype
+        probs = mx.softmax(processed_logits.astype(dtype).astype(mx.float32), axis=-1)
+        soft = _probabilities_times_embeddings(embedding, probs.astype(dtype))
+        return soft * mx.array(math.sqrt(self.args.hidden_size), dtype=dtype)
+
+    def hidden_states(self, canvas: mx.array, cache, soft_embeddings: Optional[mx.array] = None) -> mx.array:
+        """The decoder's final-norm output [B, L, hidden] for ``canvas`` [B, L]
+        after the cache (a list of layer caches or a ``BatchedContext``)."""
         decoder = self.model.decoder
         x = self._embed(canvas)
-        if self_conditioning_logits is not None:
-            dtype = x.dtype
-            probs = mx.softmax(self_conditioning_logits.astype(dtype).astype(mx.float32), axis=-1)
-            soft = _probabilities_times_embeddings(decoder.embed_tokens, probs.astype(dtype))
-            soft = soft * mx.array(math.sqrt(self.args.hidden_size), dtype=dtype)
-            x = x + decoder.self_conditioning(soft)
+        if soft_embeddings is not None:
+            x = x + decoder.self_conditioning(soft_embeddings)
         x = mx.fast.rms_norm(x, None, self.args.rms_norm_eps)
 
         L = canvas.shape[1]
@@ -397,8 +411,11 @@ class Model(nn.Module):
             layer_caches, offset, masks = cache, cache[0].offset, [None] * len(cache)
         for layer, c, mask in zip(decoder.layers, layer_caches, masks):
             x = layer(x, c, offset, False, mask, layer.layer_scalar)
-        x = decoder.norm(x)
-        logits = decoder.embed_tokens.as_linear(x).astype(mx.float32)
+        return decoder.norm(x)
+
+    def logits(self, hidden_states: mx.array) -> mx.array:
+        """Float32 softcapped logits [..., vocab] of decoder hidden states."""
+        logits = self.model.decoder.embed_tokens.as_linear(hidden_states).astype(mx.float32)
         return logit_softcap(self.args.final_logit_softcapping, logits)
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:

@@ -8,7 +8,7 @@ import pytest
 
 from mlx_diffgemma import generate, load, stream_generate
 from mlx_diffgemma.generate import Block, Draft
-from mlx_diffgemma.memory import InsufficientMemory
+from mlx_diffgemma.memory import InsufficientMemory, largest_context, plan, weight_bytes
 
 PROMPT_LENGTHS = [3, 12, 7, 9, 5]  # around the sliding windows (4 and 6)
 OPTIONS = dict(max_new_tokens=24, max_denoising_steps=6, entropy_bound=0.5, confidence_threshold=0.5,
@@ -60,11 +60,11 @@ def assert_rows_match(batched, singles):
         assert batched.tokens_per_forward[row] == pytest.approx(single.tokens_per_forward[0])
 
 
-def test_padded_batch_is_per_row_identical(model_and_tokenizer):
-    model, tokenizer = model_and_tokenizer
+def rows_ending_apart(model, tokenizer):
+    """The prompts, end-of-sequence ids that end rows 0 and 2 at different
+    blocks through tokens they really produce, and each row generated alone."""
     batch = prompts(model.args.vocab_size)
     singles = alone(model, tokenizer, batch, eos_token_id=[])
-    # End rows 0 and 2 at different blocks through tokens they really produce.
     L = model.args.canvas_length
     eos = [pick_eos(singles[0], 0, 0, 2, L), pick_eos(singles[2], 0, 1, 5, L)]
     singles = alone(model, tokenizer, batch, eos_token_id=eos)
@@ -72,8 +72,33 @@ def test_padded_batch_is_per_row_identical(model_and_tokenizer):
     assert len(set(ends)) > 1, "the rows should finish at different blocks"
     steps = {s for single in singles for s in single.steps_per_block[0]}
     assert len(steps) > 1, "blocks should stop after different numbers of steps"
+    return batch, eos, singles
 
+
+def test_padded_batch_is_per_row_identical(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    batch, eos, singles = rows_ending_apart(model, tokenizer)
     batched = generate(model, tokenizer, batch, noise=PromptNoise(range(len(batch))), eos_token_id=eos, **OPTIONS)
+    assert_rows_match(batched, singles)
+
+
+def test_logits_are_computed_a_few_rows_at_a_time_when_they_do_not_fit(model_and_tokenizer):
+    """A memory limit with room for every canvas but only two canvases' logits."""
+    model, tokenizer = model_and_tokenizer
+    batch, eos, singles = rows_ending_apart(model, tokenizer)
+    context = largest_context(map(len, batch), OPTIONS["max_new_tokens"], model.args.canvas_length)
+    memory = plan(model.args, weight_bytes(model), context, model.dtype.size, budget=1 << 40)
+    limit = memory.peak(len(batch), 2) + memory.logits_per_canvas // 2
+
+    seen = []
+    logits = model.logits
+    model.logits = lambda hidden: seen.append(hidden.shape[0]) or logits(hidden)
+    try:
+        batched = generate(model, tokenizer, batch, noise=PromptNoise(range(len(batch))), eos_token_id=eos,
+                           memory_limit=limit, **OPTIONS)
+    finally:
+        del model.logits
+    assert max(seen) == 2 and seen[:3] == [2, 2, 1], "all five canvases, their logits two at a time"
     assert_rows_match(batched, singles)
 
 

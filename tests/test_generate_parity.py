@@ -258,23 +258,22 @@ def test_seeded_runs_are_reproducible_and_seeds_differ(checkpoints):
 
 @contextmanager
 def batch_sizes(model):
-    """Records the batch size of every ``denoise`` and ``encode`` call."""
-    seen = {"denoise": [], "encode": []}
-    denoise, encode = model.denoise, model.encode
+    """Records the batch size of every call of the decoder's body, its
+    vocabulary projection and the encoder."""
+    seen = {"denoise": [], "logits": [], "encode": []}
+    originals = {"denoise": model.hidden_states, "logits": model.logits, "encode": model.encode}
 
-    def counted_denoise(canvas, cache, self_conditioning_logits=None):
-        seen["denoise"].append(canvas.shape[0])
-        return denoise(canvas, cache, self_conditioning_logits)
+    def counted(name):
+        def call(first, *args, **kwargs):
+            seen[name].append(first.shape[0])
+            return originals[name](first, *args, **kwargs)
+        return call
 
-    def counted_encode(ids, cache):
-        seen["encode"].append(ids.shape[0])
-        return encode(ids, cache)
-
-    model.denoise, model.encode = counted_denoise, counted_encode
+    model.hidden_states, model.logits, model.encode = counted("denoise"), counted("logits"), counted("encode")
     try:
         yield seen
     finally:
-        del model.denoise, model.encode
+        del model.hidden_states, model.logits, model.encode
 
 
 def test_finished_rows_leave_the_computation(checkpoints):
@@ -288,6 +287,7 @@ def test_finished_rows_leave_the_computation(checkpoints):
         result = generate(model, tokenizer, prompt, noise=noise, eos_token_id=[], **setting.sampler())
     # A row is computed for exactly the steps it ran: once its block stops, it costs nothing more.
     assert sum(seen["denoise"]) == sum(map(sum, result.steps_per_block)) and 1 in seen["denoise"]
+    assert seen["logits"] == seen["denoise"]
     # Each prompt is encoded into its own cache; the blocks are committed as one batch.
     assert seen["encode"] == [1, 1] + [2] * (len(result.steps_per_block[0]) - 1)
 
@@ -357,10 +357,15 @@ class ScriptedModel:
     def encode(self, ids, cache):
         self.encoded.append(np.array(ids).tolist())
 
-    def denoise(self, canvas, cache, self_conditioning_logits=None):
+    def hidden_states(self, canvas, cache, soft_embeddings=None):
         target = self.blocks[len(self.encoded) - 1]
-        logits = np.eye(self.args.vocab_size, dtype=np.float32)[target] * 50
-        return mx.array(np.broadcast_to(logits, (canvas.shape[0], *logits.shape)))
+        return mx.array(np.broadcast_to(np.array(target), canvas.shape))
+
+    def logits(self, hidden_states):
+        return mx.array(np.eye(self.args.vocab_size, dtype=np.float32)[np.array(hidden_states)] * 50)
+
+    def soft_embeddings(self, processed_logits):
+        return processed_logits
 
 
 def test_answers_leave_out_thinking_special_tokens_and_what_follows_eos(make_checkpoint):

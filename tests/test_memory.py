@@ -1,5 +1,7 @@
 """The memory planner's forecasts against what MLX actually allocates."""
 
+from dataclasses import replace
+
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
@@ -46,10 +48,11 @@ def test_kv_forecast_is_exact(context):
     assert kv_bytes(SMALL, context, 4) == stored
 
 
-@pytest.mark.parametrize("batch", [1, 2, 4])
+@pytest.mark.parametrize("batch,logits_rows", [(1, 1), (2, 2), (4, 4), (4, 1), (8, 3)])
 @pytest.mark.parametrize("prompt", [16, 300])
-def test_step_peak_forecast_within_25_percent(batch, prompt):
-    """Two engine steps (the second self-conditioned) over prompts of different lengths."""
+def test_step_peak_forecast_within_25_percent(batch, logits_rows, prompt):
+    """Two engine steps (the second self-conditioned) over prompts of different
+    lengths, with every row's logits at once or a few rows' at a time."""
     model = Model(SMALL)
     mx.eval(model.parameters())
     weights = sum(v.nbytes for _, v in nn.utils.tree_flatten(model.parameters()))
@@ -58,7 +61,7 @@ def test_step_peak_forecast_within_25_percent(batch, prompt):
         caches.append(model.make_cache())
         model.encode(mx.zeros((1, prompt + row), dtype=mx.int32), caches[-1])
     context = BatchedContext(caches)
-    config, noise, rows = SamplerConfig(), MLXNoise(0), list(range(batch))
+    config, noise, rows = SamplerConfig(confidence_threshold=0.0), MLXNoise(0), list(range(batch))
     canvas = mx.zeros((batch, SMALL.canvas_length), dtype=mx.int32)
     history = empty_history(config, batch, SMALL.canvas_length)
     forecast = plan(SMALL, weights, prompt + batch, dtype_bytes=4, budget=1 << 40)
@@ -67,13 +70,15 @@ def test_step_peak_forecast_within_25_percent(batch, prompt):
     mx.clear_cache()
     mx.reset_peak_memory()
     resident = mx.get_active_memory()
-    first = denoise_step(model, context, canvas, None, history, config, 0.8, noise, rows, [0] * batch, 1)
-    mx.eval(first)
-    second = denoise_step(model, context, first[0], first[1], first[5], config, 0.7, noise, rows, [0] * batch, 2)
-    mx.eval(second)
+    first = denoise_step(model, context, canvas, None, history, config, 0.8, noise, rows, rows, 1,
+                         logits_rows=logits_rows)
+    second = denoise_step(model, context, first.canvas, first.soft_embeddings, first.history, config, 0.7, noise,
+                          rows, rows, 2, logits_rows=logits_rows)
+    assert not second.stop.any() and second.soft_embeddings.shape[0] == batch
     measured = mx.get_peak_memory() - resident
-    expected = batch * forecast.per_canvas
-    print(f"batch {batch} prompt {prompt}: measured {measured / 1e6:.1f} MB, forecast {expected / 1e6:.1f} MB")
+    expected = forecast.peak(batch, logits_rows) - weights - batch * forecast.kv_per_prompt
+    print(f"batch {batch} logits rows {logits_rows} prompt {prompt}: measured {measured / 1e6:.1f} MB, "
+          f"forecast {expected / 1e6:.1f} MB")
     assert 0.75 * measured <= expected <= 1.25 * measured
 
 
@@ -83,9 +88,17 @@ def test_real_model_forecast_by_hand():
     sliding = 25 * 2 * 1023 * 8 * 256 * 2  # 25 layers keep 1023 positions of 8 heads x 256
     full = 5 * 2 * 4096 * 2 * 512 * 2  # 5 layers keep all 4096 of 2 heads x 512
     assert real.kv_per_prompt == sliding + full == 293_396_480
-    logits = 256 * 262144 * 4
-    assert 4 * logits < real.per_canvas < 4.5 * logits
-    assert real.max_canvases == (2 << 30) // (real.kv_per_prompt + real.per_canvas)
+    attention = 16 * 256 * (4096 + 256) * 4  # scores of 16 heads over cache and canvas
+    experts = 256 * 8 * 3 * 704 * 2  # top-8 experts' gate, up and product
+    hidden = 4 * 256 * 2816 * 2
+    assert real.per_canvas == attention + experts + hidden == 85_721_088
+    logits = 256 * 262144 * 4  # 268 MB, three of them at the peak
+    assert real.logits_per_canvas == 3 * logits
+    # 2 GiB free: three canvases with their caches, and one canvas's logits at a time.
+    assert real.max_canvases == 3 and real.logits_rows(3) == 1
+    roomy = replace(real, budget=32 << 30)
+    # 32 GiB: 24 canvases leave 10.2 GB, twelve canvases' logits.
+    assert roomy.max_canvases == 48 and roomy.logits_rows(8) == 8 and roomy.logits_rows(24) == 12
 
 
 def test_impossible_request_fails_before_allocating():
