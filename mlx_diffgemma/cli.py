@@ -160,6 +160,9 @@ def generate(
         "--prompts-file", exists=True, dir_okay=False,
         help="Answer every prompt of this file (one per line, or JSON Lines with a \"prompt\"), batched; "
         "the answers come in order, as JSON Lines with --json.")] = None,
+    max_batch: Annotated[Optional[int], typer.Option(
+        "--max-batch", min=1,
+        help="With --prompts-file: most prompts denoised at once (default: as many as memory allows).")] = None,
     *,
     settings: Settings,
 ):
@@ -167,7 +170,9 @@ def generate(
     if prompts_file is not None:
         if prompt is not None or prompt_file is not None:
             raise typer.BadParameter("--prompts-file replaces the prompt", param_hint="--prompts-file")
-        batch_command(settings, prompts_file, no_chat_template, json_output)
+        batch_command(settings, prompts_file, no_chat_template, json_output, max_batch)
+    elif max_batch is not None:
+        raise typer.BadParameter("--max-batch goes with --prompts-file", param_hint="--max-batch")
     else:
         generate_command(settings, prompt, prompt_file, no_chat_template, json_output)
 

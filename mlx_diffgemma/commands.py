@@ -283,9 +283,11 @@ def generate_command(settings: Settings, prompt: Optional[str], prompt_file: Opt
             raise typer.Exit(130)
 
 
-def batch_command(settings: Settings, prompts_file: Path, no_chat_template: bool, json_output: bool) -> None:
-    """``mlxdg generate --prompts-file``: every prompt of the file, batched; the
-    answers in the file's order (JSON Lines with ``--json``)."""
+def batch_command(settings: Settings, prompts_file: Path, no_chat_template: bool, json_output: bool,
+                  max_batch: Optional[int] = None) -> None:
+    """``mlxdg generate --prompts-file``: every prompt of the file, batched
+    (at most ``max_batch`` at once); the answers in the file's order (JSON
+    Lines with ``--json``)."""
     with reported(settings.debug):
         texts = read_prompts(prompts_file)
         checkpoint = Checkpoint(settings)
@@ -298,7 +300,7 @@ def batch_command(settings: Settings, prompts_file: Path, no_chat_template: bool
         checkpoint.check_memory(longest)
         model = checkpoint.load()
         result = generate(model, tokenizer, [ids.tolist() for ids in rows], config=checkpoint.sampler,
-                          seed=settings.seed, memory_limit=settings.memory_limit)
+                          seed=settings.seed, memory_limit=settings.memory_limit, max_batch=max_batch)
         for i, text in enumerate(texts):
             if json_output:
                 typer.echo(json.dumps({"index": i, "prompt": text, "text": result.texts[i],

@@ -280,6 +280,14 @@ def test_prompts_file_answers_in_order_as_a_batch(checkpoint, tmp_path):
                   "-m", MAX_TOKENS, "--seed", 3)
     assert plain.exit_code == 0 and plain.stdout == "".join(t + "\n\n" for t in api.texts)
 
+    two_at_a_time = mlxdg("generate", "--prompts-file", tmp_path / "lines.jsonl", "--model", checkpoint,
+                          "-m", MAX_TOKENS, "--seed", 3, "--json", "--max-batch", 2)
+    paired = generate(model, tokenizer, ids, seed=3, max_new_tokens=MAX_TOKENS, max_batch=2)
+    assert paired.tokens != api.tokens, "two at a time draws other noise than three at once"
+    assert [json.loads(line)["tokens"] for line in two_at_a_time.stdout.splitlines()] == paired.tokens
+    alone = mlxdg("generate", "hi", "--model", checkpoint, "--max-batch", 2)
+    assert alone.exit_code == 2 and "--max-batch goes with --prompts-file" in alone.output
+
     (tmp_path / "bad.jsonl").write_text('{"text": "no prompt key"}\n')
     bad = mlxdg("generate", "--prompts-file", tmp_path / "bad.jsonl", "--model", checkpoint)
     assert bad.exit_code == 2 and "line 1 is not a JSON object" in bad.output
