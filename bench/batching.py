@@ -14,7 +14,7 @@ from typing import List, Sequence
 import mlx.core as mx
 import numpy as np
 
-from mlx_diffgemma.generate import generate
+from mlx_diffgemma.generate import batch_size, generate, resolve_config
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class BatchRecord:
     generated_tokens: int  # all rows together
     tokens_per_second: float  # generated_tokens / seconds
     request_latency_s: float  # each request waits for its whole batch
+    logits_canvases: int  # canvases whose logits the memory planner let exist at once
     peak_memory_gb: float
 
     def to_dict(self) -> dict:
@@ -40,12 +41,15 @@ def batch_sweep(model, tokenizer, batches: Sequence[int], prompt_tokens: int, ge
 
     def run(batch: int) -> BatchRecord:
         prompts = [rng.integers(3, vocab, prompt_tokens).tolist() for _ in range(batch)]
+        config = resolve_config(model, tokenizer, None, {k: v for k, v in fixed.items() if k != "seed"})
+        _, logits_canvases = batch_size(model, prompts, config, batch, None, None)
         mx.reset_peak_memory()
         start = time.perf_counter()
         result = generate(model, tokenizer, prompts, max_batch=batch, **fixed)
         seconds = time.perf_counter() - start
         tokens = sum(len(t) for t in result.tokens)
-        return BatchRecord(batch, seconds, tokens, tokens / seconds, seconds, mx.get_peak_memory() / 1e9)
+        return BatchRecord(batch, seconds, tokens, tokens / seconds, seconds, logits_canvases,
+                           mx.get_peak_memory() / 1e9)
 
     run(1)
     return [run(b) for b in sorted(batches)]

@@ -157,11 +157,12 @@ def _batch_table(result: dict) -> Table:
     sweep = result["batch_sweep"]
     table = _table(f"Batch sweep: canvases per forward pass ({sweep['steps_per_block']} steps per block, "
                    "EOS and early stop off)", ["canvases", "total tok/s", "gain vs 1", "latency per request s",
-                                               "peak memory GB"])
+                                               "logits at once", "peak memory GB"])
     for record in sweep["records"]:
         gain = sweep["throughput_gain"][record["batch"]]
         table.add_row(str(record["batch"]), _num(record["tokens_per_second"]), f"{gain:.2f}x",
-                      _num(record["request_latency_s"], 2), _num(record["peak_memory_gb"], 2))
+                      _num(record["request_latency_s"], 2), str(record["logits_canvases"]),
+                      _num(record["peak_memory_gb"], 2))
     return table
 
 

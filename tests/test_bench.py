@@ -183,6 +183,7 @@ def test_batch_sweep_is_consistent(tiny_run):
     for record in sweep["records"]:
         # Fixed steps and no EOS: every request generates gen-tokens, whatever the batch.
         assert record["generated_tokens"] == record["batch"] * GEN_TOKENS
+        assert record["logits_canvases"] == record["batch"]  # a tiny model's logits always fit
         assert _close(record["tokens_per_second"], record["generated_tokens"] / record["seconds"])
     single = sweep["records"][0]["tokens_per_second"]
     assert all(_close(sweep["throughput_gain"][str(r["batch"])], r["tokens_per_second"] / single)
