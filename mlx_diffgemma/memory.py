@@ -67,17 +67,47 @@ def physical_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def cgroup_memory_limit(proc_cgroup: Path = Path("/proc/self/cgroup"),
+                        root: Path = Path("/sys/fs/cgroup")) -> Optional[int]:
+    """The tightest memory limit on this process's Linux control group and the
+    groups above it (cgroup v2 or v1), as a container sets it; None when there
+    is none or this is not Linux."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            base, name = root, "memory.max"
+        elif "memory" in controllers.split(","):
+            base, name = root / "memory", "memory.limit_in_bytes"
+        else:
+            continue
+        parts = Path(path).parts[1:]
+        for depth in range(len(parts), -1, -1):
+            try:
+                value = (base.joinpath(*parts[:depth]) / name).read_text().strip()
+            except OSError:
+                continue
+            if value.isdigit() and int(value) < 1 << 60:  # v1 writes ~2**63 for "no limit", v2 "max"
+                limits.append(int(value))
+    return min(limits) if limits else None
+
+
 def device_budget(limit=None) -> int:
     """Bytes this process may use on the default device: ``limit`` when given;
     Metal's recommended working set on a Mac GPU; the device's memory where
-    MLX reports it (CUDA); physical RAM less a reserve on the CPU."""
+    MLX reports it (CUDA); on the CPU, physical RAM or the container's limit,
+    whichever is less, less a reserve."""
     if limit is not None:
         return parse_size(limit)
     info = mx.device_info() if mx.default_device() == mx.gpu else {}
     for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
         if info.get(key):
             return int(info[key])
-    total = physical_memory()
+    total = min(physical_memory(), cgroup_memory_limit() or physical_memory())
     return total - max(int(total * CPU_RESERVE_FRACTION), CPU_MIN_RESERVE)
 
 

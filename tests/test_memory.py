@@ -9,8 +9,8 @@ import pytest
 from mlx_diffgemma.cache import BatchedContext
 from mlx_diffgemma.generate import denoise_step
 from mlx_diffgemma.loader import load_model
-from mlx_diffgemma.memory import (InsufficientMemory, checkpoint_weight_bytes, device_budget, kv_bytes,
-                                  parse_size, plan)
+from mlx_diffgemma.memory import (InsufficientMemory, cgroup_memory_limit, checkpoint_weight_bytes, device_budget,
+                                  kv_bytes, parse_size, plan)
 from mlx_diffgemma.model import Model, ModelArgs
 from mlx_diffgemma.sampler import MLXNoise, SamplerConfig, empty_history
 
@@ -30,6 +30,40 @@ def test_parse_size():
 def test_budget_override_and_cpu_default():
     assert device_budget("3GB") == 3 << 30
     assert 0 < device_budget() < __import__("os").sysconf("SC_PAGE_SIZE") * __import__("os").sysconf("SC_PHYS_PAGES")
+
+
+def _cgroup_tree(tmp_path, proc_lines, files):
+    tmp_path.mkdir()
+    (tmp_path / "cgroup").write_text("\n".join(proc_lines) + "\n")
+    for name, value in files.items():
+        (tmp_path / "fs" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / name).write_text(value + "\n")
+    return cgroup_memory_limit(tmp_path / "cgroup", tmp_path / "fs")
+
+
+def test_container_memory_limit_is_read_from_the_cgroup(tmp_path):
+    # v2: the process's group and the groups above it; the tightest limit counts.
+    assert _cgroup_tree(tmp_path / "v2", ["0::/box/job"], {
+        "memory.max": "max", "box/memory.max": str(8 << 30), "box/job/memory.max": "max"}) == 8 << 30
+    # v1: the memory controller's hierarchy; ~2**63 means no limit.
+    assert _cgroup_tree(tmp_path / "v1", ["5:cpu,cpuacct:/", "4:memory:/job"], {
+        "memory/memory.limit_in_bytes": "9223372036854771712",
+        "memory/job/memory.limit_in_bytes": str(6 << 30)}) == 6 << 30
+    assert _cgroup_tree(tmp_path / "none", ["0::/"], {"memory.max": "max"}) is None
+    assert _cgroup_tree(tmp_path / "v1 none", ["4:memory:/"], {
+        "memory/memory.limit_in_bytes": "9223372036854771712"}) is None
+    assert cgroup_memory_limit(tmp_path / "missing", tmp_path) is None
+
+
+def test_cpu_budget_respects_a_container_limit(monkeypatch):
+    import mlx_diffgemma.memory as memory
+
+    monkeypatch.setattr(memory, "physical_memory", lambda: 64 << 30)
+    monkeypatch.setattr(memory, "cgroup_memory_limit", lambda: 8 << 30)
+    monkeypatch.setattr(memory.mx, "default_device", lambda: memory.mx.cpu)
+    assert device_budget() == (8 << 30) - (2 << 30)
+    monkeypatch.setattr(memory, "cgroup_memory_limit", lambda: None)
+    assert device_budget() == (64 << 30) - int((64 << 30) * 0.15)
 
 
 def test_weight_bytes_from_headers_match_the_loaded_model(make_checkpoint):
