@@ -15,7 +15,7 @@ same way as one that ended on the end-of-turn token.
 import sys
 from typing import Callable, List, Optional
 
-from .commands import (Answer, Checkpoint, ContextTooLong, Settings, SoftInterrupt, error_line, first_messages,
+from .commands import (CommandAnswer, Checkpoint, ContextTooLong, Settings, SoftInterrupt, error_line, first_messages,
                        reported, run_answer)
 from .generate import prompt_ids, resolve_config
 from .live import make_view
@@ -53,7 +53,7 @@ class ChatSession:
                                                   enable_thinking=self.settings.think)
         return self.tokenizer.encode(text[text.index(_ANSWER) + len(_ANSWER):], add_special_tokens=False)
 
-    def ask(self, message: str, view, interrupt: SoftInterrupt) -> Answer:
+    def ask(self, message: str, view, interrupt: SoftInterrupt) -> CommandAnswer:
         """Answer ``message``. Raises ContextTooLong or InsufficientMemory,
         leaving the conversation as it was, when the turn cannot fit."""
         if self.cache is None:

@@ -8,14 +8,17 @@ import os
 import signal
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from mlx_lm.utils import load_tokenizer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .generate import Block, Draft, GenerationResult, Statistics, generate, print_summary, prompt_ids, stream_generate
+from .generate import (Answer, Answers, Block, Draft, GenerationResult, print_summary, prompt_ids, statistics,
+                       stream_generate)
 from .live import make_view
 from .loader import CheckpointError, load_model, read_config, resolve_model_path
 from .memory import InsufficientMemory, checkpoint_weight_bytes, device_budget, largest_context, parse_size, plan
@@ -24,12 +27,6 @@ from .sampler import SamplerConfig
 
 DEFAULT_MODEL = "mlx-community/diffusiongemma-26B-A4B-it-4bit"
 MODEL_ENV = "MLXDG_MODEL"
-
-# What the thinking channel opens with; the answer shows what follows it.
-CHANNEL_NAME = "thought\n"
-
-# The statistics every Block carries for the whole call so far.
-STATS = tuple(f.name for f in fields(Statistics))
 
 
 class ContextTooLong(ValueError):
@@ -141,57 +138,39 @@ class SoftInterrupt:
 
 
 @dataclass
-class Answer:
-    """One answer as far as it was committed."""
+class CommandAnswer(Answer):
+    """The one answer of ``mlxdg generate`` or a chat turn, as far as it was
+    committed; its finish reason may also be "interrupted"."""
 
-    text: str = ""
-    thinking: str = ""  # as generated: it opens with CHANNEL_NAME
-    tokens: List[int] = field(default_factory=list)
-    steps: List[int] = field(default_factory=list)
-    finish_reason: Optional[str] = None  # "stop", "length" or "interrupted"
     cache_broken: bool = False  # a hard interrupt may have stopped the cache mid-update
     last: Optional[Block] = None
 
-    @property
-    def shown_thinking(self) -> str:
-        if CHANNEL_NAME.startswith(self.thinking):
-            return ""
-        return self.thinking.removeprefix(CHANNEL_NAME)
-
     def add(self, block: Block) -> None:
-        self.text += block.texts[0]
-        self.thinking += block.thinking[0]
-        self.tokens.extend(block.tokens[0].tolist())
-        self.steps.append(block.steps[0])
-        self.finish_reason = block.finish_reasons[0]
+        super().add(block, 0)
         self.last = block
-
-    def _stats(self) -> dict:
-        """The running statistics of the last block; None before the first one."""
-        return {name: getattr(self.last, name, None) for name in STATS}
 
     def result(self) -> GenerationResult:
         """The answer as ``generate`` returns it; needs at least one block."""
-        return GenerationResult(texts=[self.text], thinking=[self.shown_thinking], tokens=[self.tokens],
+        return GenerationResult(texts=[self.text], thinking=[self.thinking], tokens=[self.tokens],
                                 finish_reasons=[self.finish_reason], steps_per_block=[self.steps],
-                                tokens_per_forward=self.last.tokens_per_forward, **self._stats())
+                                tokens_per_forward=[self.tokens_per_forward], **statistics(self.last))
 
     def as_json(self) -> dict:
         return {
             "text": self.text,
-            "thinking": self.shown_thinking,
+            "thinking": self.thinking,
             "finish_reason": self.finish_reason,
             "tokens": self.tokens,
             "steps_per_block": self.steps,
-            **self._stats(),
-            "tokens_per_forward": self.last.tokens_per_forward[0] if self.last else None,
+            **statistics(self.last),
+            "tokens_per_forward": self.tokens_per_forward if self.last else None,
         }
 
 
 def run_answer(model, tokenizer, prompt: List[int], sampler: SamplerConfig, settings: Settings, view,
-               interrupt: SoftInterrupt, cache: Optional[list] = None) -> Answer:
+               interrupt: SoftInterrupt, cache: Optional[list] = None) -> CommandAnswer:
     """Generate one answer to ``prompt`` (token ids), showing it on ``view``."""
-    answer = Answer()
+    answer = CommandAnswer()
     events = stream_generate(model, tokenizer, prompt, config=sampler, seed=settings.seed, cache=cache,
                              memory_limit=settings.memory_limit)
     try:
@@ -199,9 +178,9 @@ def run_answer(model, tokenizer, prompt: List[int], sampler: SamplerConfig, sett
             if isinstance(event, Draft):
                 view.draft(event)
             else:
-                shown = answer.shown_thinking
+                shown = answer.thinking
                 answer.add(event)
-                view.block(event.texts[0], answer.shown_thinking[len(shown):])
+                view.block(event.texts[0], answer.thinking[len(shown):])
             if interrupt.requested:
                 if answer.finish_reason is None:  # a Ctrl-C after the last block changes nothing
                     answer.finish_reason = "interrupted"
@@ -299,18 +278,48 @@ def batch_command(settings: Settings, prompts_file: Path, no_chat_template: bool
         checkpoint.check_positions(0, longest, "shorten the longest prompt or lower --max-tokens")
         checkpoint.check_memory(longest)
         model = checkpoint.load()
-        result = generate(model, tokenizer, [ids.tolist() for ids in rows], config=checkpoint.sampler,
-                          seed=settings.seed, memory_limit=settings.memory_limit, max_batch=max_batch)
-        for i, text in enumerate(texts):
-            if json_output:
-                typer.echo(json.dumps({"index": i, "prompt": text, "text": result.texts[i],
-                                       "thinking": result.thinking[i], "finish_reason": result.finish_reasons[i],
-                                       "tokens": result.tokens[i], "steps_per_block": result.steps_per_block[i],
-                                       "tokens_per_forward": result.tokens_per_forward[i]}))
-            else:
-                typer.echo(result.texts[i] + "\n")
+        answers = Answers()
+        events = stream_generate(model, tokenizer, [ids.tolist() for ids in rows], config=checkpoint.sampler,
+                                 seed=settings.seed, memory_limit=settings.memory_limit, max_batch=max_batch)
+        written = 0
+        try:
+            with batch_progress() as progress:
+                task = progress.add_task("answering", total=len(texts))
+                for event in events:
+                    if not isinstance(event, Block):
+                        continue
+                    progress.update(task, advance=len(answers.add(event)),
+                                    description=f"{event.generation_tps:.1f} tok/s")
+                    # In the file's order, each answer as soon as it and all before it are done.
+                    while written in answers.rows and answers.rows[written].finish_reason is not None:
+                        write_answer(written, texts[written], answers.rows[written], json_output)
+                        written += 1
+        except KeyboardInterrupt:
+            error_line(f"interrupted; the first {written} of {len(texts)} answers were written")
+            raise typer.Exit(130) from None
+        finally:
+            events.close()
         if settings.verbose and not json_output:
-            print_summary(result)
+            print_summary(answers.result())
+
+
+def batch_progress() -> Progress:
+    """A bar of answers done, on stderr when it is a terminal. Answers printed
+    to the same terminal go above the bar; to a file or pipe, straight there."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=Console(stderr=True), transient=True, disable=not sys.stderr.isatty(),
+                    redirect_stdout=sys.stdout.isatty())
+
+
+def write_answer(index: int, prompt: str, answer: Answer, json_output: bool) -> None:
+    # print, not typer.echo: the progress bar redirects sys.stdout on a terminal (see batch_progress).
+    if json_output:
+        print(json.dumps({"index": index, "prompt": prompt, "text": answer.text, "thinking": answer.thinking,
+                          "finish_reason": answer.finish_reason, "tokens": answer.tokens,
+                          "steps_per_block": answer.steps, "tokens_per_forward": answer.tokens_per_forward}),
+              flush=True)
+    else:
+        print(answer.text + "\n", flush=True)
 
 
 def read_prompts(path: Path) -> List[str]:

@@ -25,8 +25,8 @@ import itertools
 import math
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field, fields, replace
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
@@ -223,52 +223,84 @@ def batch_size(model, prompts, config: SamplerConfig, max_batch, memory_limit, c
 def generate(model, tokenizer, prompt=None, *, verbose: bool = False, **kwargs) -> GenerationResult:
     """Run ``stream_generate`` to the end (same arguments) and return the
     answers with their statistics. ``verbose`` prints like ``mlx_lm.generate``."""
-    rows = {}
-    last = None
+    answers = Answers()
     if verbose:
         print("=" * 10)
     for event in stream_generate(model, tokenizer, prompt, **kwargs):
-        if not isinstance(event, Block):
-            continue
-        last = event
-        for i, r in enumerate(event.rows):
-            row = rows.setdefault(r, _Row())
-            row.text += event.texts[i]
-            row.thinking += event.thinking[i]
-            row.tokens.extend(event.tokens[i].tolist())
-            row.steps.append(event.steps[i])
-            row.finish_reason = event.finish_reasons[i]
-            row.tokens_per_forward = event.tokens_per_forward[i]
-        if verbose and len(rows) == 1:
-            print(event.texts[0], end="", flush=True)
-
-    rows = [rows[r] for r in sorted(rows)]
-    result = GenerationResult(
-        texts=[row.text for row in rows],
-        thinking=[row.thinking.removeprefix("thought\n") for row in rows],
-        tokens=[row.tokens for row in rows],
-        finish_reasons=[row.finish_reason for row in rows],
-        steps_per_block=[row.steps for row in rows],
-        tokens_per_forward=[row.tokens_per_forward for row in rows],
-        prompt_tokens=last.prompt_tokens,
-        prompt_tps=last.prompt_tps,
-        generation_tokens=last.generation_tokens,
-        generation_tps=last.generation_tps,
-        peak_memory=last.peak_memory,
-    )
+        if isinstance(event, Block):
+            answers.add(event)
+            if verbose and len(answers.rows) == 1:
+                print(event.texts[0], end="", flush=True)
+    result = answers.result()
     if verbose:
         print_summary(result)
     return result
 
 
+def statistics(block: Optional[Block]) -> dict:
+    """The running statistics a block carries; None each before the first block."""
+    return {f.name: getattr(block, f.name, None) for f in fields(Statistics)}
+
+
+# What the thinking channel opens with; ``Answer.thinking`` is what follows it.
+CHANNEL_NAME = "thought\n"
+
+
 @dataclass
-class _Row:
+class Answer:
+    """One prompt's answer as far as its blocks were committed."""
+
     text: str = ""
-    thinking: str = ""
+    channel: str = ""  # the thinking channel as generated: it opens with CHANNEL_NAME
     tokens: List[int] = field(default_factory=list)
     steps: List[int] = field(default_factory=list)
-    finish_reason: Optional[str] = None
+    finish_reason: Optional[str] = None  # "stop" or "length"; None while more blocks follow
     tokens_per_forward: float = 0.0
+
+    @property
+    def thinking(self) -> str:
+        """The thinking so far, without the channel's name."""
+        if CHANNEL_NAME.startswith(self.channel):
+            return ""
+        return self.channel.removeprefix(CHANNEL_NAME)
+
+    def add(self, block: Block, i: int) -> None:
+        """Take row ``i`` of ``block``."""
+        self.text += block.texts[i]
+        self.channel += block.thinking[i]
+        self.tokens.extend(block.tokens[i].tolist())
+        self.steps.append(block.steps[i])
+        self.finish_reason = block.finish_reasons[i]
+        self.tokens_per_forward = block.tokens_per_forward[i]
+
+
+class Answers:
+    """Gathers the ``Block``s of ``stream_generate`` into one ``Answer`` per
+    prompt (``rows``, by prompt index), and into the ``GenerationResult``
+    that ``generate`` returns."""
+
+    def __init__(self):
+        self.rows: Dict[int, Answer] = {}
+        self.last: Optional[Block] = None
+
+    def add(self, block: Block) -> List[int]:
+        """Take a block; returns the prompts it finished."""
+        self.last = block
+        for i, r in enumerate(block.rows):
+            self.rows.setdefault(r, Answer()).add(block, i)
+        return [r for r, reason in zip(block.rows, block.finish_reasons) if reason is not None]
+
+    def result(self) -> GenerationResult:
+        rows = [self.rows[r] for r in sorted(self.rows)]
+        return GenerationResult(
+            texts=[row.text for row in rows],
+            thinking=[row.thinking for row in rows],
+            tokens=[row.tokens for row in rows],
+            finish_reasons=[row.finish_reason for row in rows],
+            steps_per_block=[row.steps for row in rows],
+            tokens_per_forward=[row.tokens_per_forward for row in rows],
+            **statistics(self.last),
+        )
 
 
 def print_summary(result: GenerationResult):

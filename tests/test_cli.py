@@ -259,7 +259,7 @@ def test_live_view_in_a_terminal(make_checkpoint):
     assert len(text) > 2 * columns and "".join(text.split()) in "".join(shown.split())
 
 
-def test_prompts_file_answers_in_order_as_a_batch(checkpoint, tmp_path):
+def test_prompts_file_answers_in_order_as_a_batch(checkpoint, tmp_path, monkeypatch):
     """Batched answers equal the Python API's batch, in the file's order (plain lines and JSON Lines)."""
     prompts = ["hello there", "why is the sky blue?", "hi"]
     (tmp_path / "plain.txt").write_text("\n".join(prompts) + "\n\n")
@@ -287,6 +287,22 @@ def test_prompts_file_answers_in_order_as_a_batch(checkpoint, tmp_path):
     assert [json.loads(line)["tokens"] for line in two_at_a_time.stdout.splitlines()] == paired.tokens
     alone = mlxdg("generate", "hi", "--model", checkpoint, "--max-batch", 2)
     assert alone.exit_code == 2 and "--max-batch goes with --prompts-file" in alone.output
+
+    # Ctrl-C once the first prompt is done (one at a time): its answer is already written.
+    stream = commands.stream_generate
+
+    def interrupted_after_the_first_answer(*args, **kwargs):
+        for event in stream(*args, **kwargs):
+            yield event
+            if isinstance(event, Block) and event.rows == (0,) and event.finish_reasons[0] is not None:
+                raise KeyboardInterrupt
+
+    one_at_a_time = generate(model, tokenizer, ids, seed=3, max_new_tokens=MAX_TOKENS, max_batch=1)
+    monkeypatch.setattr(commands, "stream_generate", interrupted_after_the_first_answer)
+    stopped = mlxdg("generate", "--prompts-file", tmp_path / "lines.jsonl", "--model", checkpoint,
+                    "-m", MAX_TOKENS, "--seed", 3, "--json", "--max-batch", 1)
+    assert stopped.exit_code == 130 and "the first 1 of 3 answers were written" in stopped.stderr
+    assert [json.loads(line)["tokens"] for line in stopped.stdout.splitlines()] == one_at_a_time.tokens[:1]
 
     (tmp_path / "bad.jsonl").write_text('{"text": "no prompt key"}\n')
     bad = mlxdg("generate", "--prompts-file", tmp_path / "bad.jsonl", "--model", checkpoint)
