@@ -162,7 +162,8 @@ def generate(
         "the answers come in order, as JSON Lines with --json.")] = None,
     max_batch: Annotated[Optional[int], typer.Option(
         "--max-batch", min=1,
-        help="With --prompts-file: most prompts denoised at once (default: as many as memory allows).")] = None,
+        help="With --prompts-file: most prompts denoised at once "
+        "(default: as many as memory allows, at most 8).")] = None,
     *,
     settings: Settings,
 ):

@@ -14,7 +14,8 @@ per-row positions, so a row's result does not depend on its neighbours).
 Rows finish on their own: a row whose block has stopped keeps its result and
 leaves the computation for the rest of that block, and a row that produced an
 end-of-sequence token gets no further blocks. When more prompts wait than the
-batch holds (``max_batch``, by default what the memory planner allows), a row
+batch holds (``max_batch``; by default what the memory planner allows, at
+most ``DEFAULT_MAX_BATCH``), a row
 that finishes frees its slot for the next prompt at the next block boundary.
 The logits ([canvas, vocab] float32, far larger than anything else a canvas
 needs) exist only for as many rows at a time as the planner fits, so the
@@ -34,6 +35,12 @@ import numpy as np
 from .cache import BatchedContext
 from .memory import largest_context, parse_size, plan, weight_bytes
 from .sampler import MLXNoise, NoiseSource, SamplerConfig, decide, empty_history, temper, temperatures
+
+# The default cap on canvases denoised at once. A 256-token canvas already
+# keeps an Apple GPU's (and this CPU's) arithmetic busy, so more canvases add
+# latency and no throughput there (performance.md's roofline); where a step is
+# bandwidth-bound (datacenter GPUs) the gain levels off within a few canvases.
+DEFAULT_MAX_BATCH = 8
 
 SAMPLER_OPTIONS = ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max",
                    "stability_threshold", "confidence_threshold", "eos_token_id", "pad_token_id")
@@ -149,8 +156,9 @@ def stream_generate(
     appended to it, and afterwards it holds the prompt and every committed
     block but the last, as the reference leaves it. ``max_batch`` caps the
     canvases denoised at once; by default the memory planner picks it for
-    ``memory_limit`` (bytes or "16GB"; the device's budget when None) and a
-    request that cannot fit at all fails before anything is allocated.
+    ``memory_limit`` (bytes or "16GB"; the device's budget when None), at
+    most ``DEFAULT_MAX_BATCH``, and a request that cannot fit at all fails
+    before anything is allocated.
     """
     unknown = set(options) - set(SAMPLER_OPTIONS)
     if unknown:
@@ -207,7 +215,8 @@ def stream_generate(
 
 def batch_size(model, prompts, config: SamplerConfig, max_batch, memory_limit, cache) -> Tuple[int, int]:
     """Canvases to denoise at once (``max_batch``, else as many as the memory
-    planner fits) and how many of them may have their logits at once; raises
+    planner fits, at most ``DEFAULT_MAX_BATCH``) and how many of them may
+    have their logits at once; raises
     ``InsufficientMemory`` when not even one canvas fits."""
     context = largest_context([len(p) for p in prompts], config.max_new_tokens, model.args.canvas_length)
     if cache is not None:
@@ -216,7 +225,7 @@ def batch_size(model, prompts, config: SamplerConfig, max_batch, memory_limit, c
     budget = None if memory_limit is None else parse_size(memory_limit)
     memory = plan(model.args, weight_bytes(model), context, dtype_bytes, budget)
     memory.require(1 if max_batch is None else min(max_batch, len(prompts)))
-    canvases = max(1, min(max_batch or memory.max_canvases, len(prompts)))
+    canvases = max(1, min(max_batch or min(memory.max_canvases, DEFAULT_MAX_BATCH), len(prompts)))
     return canvases, memory.logits_rows(canvases)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mlx_diffgemma import generate, load, stream_generate
-from mlx_diffgemma.generate import Block, Draft
+from mlx_diffgemma.generate import DEFAULT_MAX_BATCH, Block, Draft
 from mlx_diffgemma.memory import InsufficientMemory, largest_context, plan, weight_bytes
 
 PROMPT_LENGTHS = [3, 12, 7, 9, 5]  # around the sliding windows (4 and 6)
@@ -125,6 +125,23 @@ def test_continuous_batching_keeps_the_batch_full(model_and_tokenizer):
     batched = generate(model, tokenizer, batch, noise=PromptNoise(range(len(batch))), eos_token_id=eos,
                        max_batch=2, **OPTIONS)
     assert_rows_match(batched, singles)
+
+
+def test_default_batch_is_what_fits_and_at_most_the_cap(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    rng = np.random.default_rng(3)
+    many = [rng.integers(3, model.args.vocab_size, 6).tolist() for _ in range(DEFAULT_MAX_BATCH + 2)]
+    options = dict(OPTIONS, max_new_tokens=8, eos_token_id=[])
+
+    def widest(**kwargs):
+        events = stream_generate(model, tokenizer, many, noise=PromptNoise(range(len(many))), **options, **kwargs)
+        return max(len(e.rows) for e in events if isinstance(e, Draft))
+
+    assert widest() == DEFAULT_MAX_BATCH
+    assert widest(max_batch=len(many)) == len(many)
+    context = largest_context([6], options["max_new_tokens"], model.args.canvas_length)
+    memory = plan(model.args, weight_bytes(model), context, model.dtype.size, budget=1 << 40)
+    assert widest(memory_limit=memory.peak(3, 1) + (memory.kv_per_prompt + memory.per_canvas) // 2) == 3
 
 
 def test_chat_cache_continues_a_conversation(model_and_tokenizer):
