@@ -17,8 +17,8 @@ from mlx_lm.utils import load_tokenizer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .generate import (Answer, Answers, Block, Draft, GenerationResult, print_summary, prompt_ids, statistics,
-                       stream_generate)
+from .generate import (Answer, Answers, Block, Draft, GenerationResult, generation_result, print_summary, prompt_ids,
+                       statistics, stream_generate)
 from .live import make_view
 from .loader import CheckpointError, load_model, read_config, resolve_model_path
 from .memory import InsufficientMemory, checkpoint_weight_bytes, device_budget, largest_context, parse_size, plan
@@ -151,9 +151,7 @@ class CommandAnswer(Answer):
 
     def result(self) -> GenerationResult:
         """The answer as ``generate`` returns it; needs at least one block."""
-        return GenerationResult(texts=[self.text], thinking=[self.thinking], tokens=[self.tokens],
-                                finish_reasons=[self.finish_reason], steps_per_block=[self.steps],
-                                tokens_per_forward=[self.tokens_per_forward], **statistics(self.last))
+        return generation_result([self], self.last)
 
     def as_json(self) -> dict:
         return {

@@ -216,8 +216,8 @@ def stream_generate(
 def batch_size(model, prompts, config: SamplerConfig, max_batch, memory_limit, cache) -> Tuple[int, int]:
     """Canvases to denoise at once (``max_batch``, else as many as the memory
     planner fits, at most ``DEFAULT_MAX_BATCH``) and how many of them may
-    have their logits at once; raises
-    ``InsufficientMemory`` when not even one canvas fits."""
+    have their logits at once; raises ``InsufficientMemory`` when not even
+    one canvas fits."""
     context = largest_context([len(p) for p in prompts], config.max_new_tokens, model.args.canvas_length)
     if cache is not None:
         context += cache[0].offset
@@ -300,16 +300,20 @@ class Answers:
         return [r for r, reason in zip(block.rows, block.finish_reasons) if reason is not None]
 
     def result(self) -> GenerationResult:
-        rows = [self.rows[r] for r in sorted(self.rows)]
-        return GenerationResult(
-            texts=[row.text for row in rows],
-            thinking=[row.thinking for row in rows],
-            tokens=[row.tokens for row in rows],
-            finish_reasons=[row.finish_reason for row in rows],
-            steps_per_block=[row.steps for row in rows],
-            tokens_per_forward=[row.tokens_per_forward for row in rows],
-            **statistics(self.last),
-        )
+        return generation_result([self.rows[r] for r in sorted(self.rows)], self.last)
+
+
+def generation_result(answers: List[Answer], last: Block) -> GenerationResult:
+    """``answers`` (one per batch row, in order) with the running statistics of ``last``."""
+    return GenerationResult(
+        texts=[a.text for a in answers],
+        thinking=[a.thinking for a in answers],
+        tokens=[a.tokens for a in answers],
+        finish_reasons=[a.finish_reason for a in answers],
+        steps_per_block=[a.steps for a in answers],
+        tokens_per_forward=[a.tokens_per_forward for a in answers],
+        **statistics(last),
+    )
 
 
 def print_summary(result: GenerationResult):
