@@ -298,7 +298,7 @@ def batch_command(settings: Settings, prompts_file: Path, no_chat_template: bool
         finally:
             events.close()
         if settings.verbose and not json_output:
-            print_summary(answers.result())
+            print_summary(answers.result(), texts=False)
 
 
 def batch_progress() -> Progress:

@@ -316,11 +316,14 @@ def generation_result(answers: List[Answer], last: Block) -> GenerationResult:
     )
 
 
-def print_summary(result: GenerationResult):
-    if len(result.texts) > 1:
+def print_summary(result: GenerationResult, texts: bool = True):
+    """mlx-lm's statistics lines, after each row's text for a batch or the end
+    of the streamed line for one prompt (unless ``texts`` is false: the
+    caller has shown them)."""
+    if texts and len(result.texts) > 1:
         for i, text in enumerate(result.texts):
             print(f"[{i}] {text}")
-    else:
+    elif texts:
         print()
     blocks = sum(len(s) for s in result.steps_per_block)
     steps = sum(sum(s) for s in result.steps_per_block)

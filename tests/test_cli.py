@@ -279,6 +279,10 @@ def test_prompts_file_answers_in_order_as_a_batch(checkpoint, tmp_path, monkeypa
     plain = mlxdg("generate", "--prompts-file", tmp_path / "plain.txt", "--model", checkpoint,
                   "-m", MAX_TOKENS, "--seed", 3)
     assert plain.exit_code == 0 and plain.stdout == "".join(t + "\n\n" for t in api.texts)
+    verbose = mlxdg("generate", "--prompts-file", tmp_path / "plain.txt", "--model", checkpoint,
+                    "-m", MAX_TOKENS, "--seed", 3, "--verbose")
+    longest = max(api.texts, key=len)
+    assert verbose.stdout.count(longest) == 1 and "Generation: " in verbose.stdout, "each answer once, then the stats"
 
     two_at_a_time = mlxdg("generate", "--prompts-file", tmp_path / "lines.jsonl", "--model", checkpoint,
                           "-m", MAX_TOKENS, "--seed", 3, "--json", "--max-batch", 2)
