@@ -185,6 +185,23 @@ def write_json(result: dict, path: str) -> None:
         f.write("\n")
 
 
+def _plot_batch_sweep(ax, sweep: dict) -> None:
+    """Total tok/s and latency per request against canvases per forward pass."""
+    records = sweep["records"]
+    canvases = [r["batch"] for r in records]
+    ax.plot(canvases, [r["tokens_per_second"] for r in records], "o-", label="total tok/s")
+    ax.set(xlabel="canvases per forward pass", ylabel="total tokens/s", ylim=(0, None),
+           title=f"Batch sweep ({sweep['steps_per_block']} steps per block)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(canvases, [str(c) for c in canvases])
+    ax.minorticks_off()
+    latency = ax.twinx()
+    latency.plot(canvases, [r["request_latency_s"] for r in records], "s--", color="C1", label="latency per request")
+    latency.set(ylabel="seconds per request", ylim=(0, None))
+    lines = ax.get_lines() + latency.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], fontsize="small", loc="upper left")
+
+
 def write_plot(result: dict, path: str) -> str:
     """Decode tok/s against steps per block, with the AR rates and the roofline;
     returns the line to print (also when matplotlib is missing)."""
@@ -205,7 +222,9 @@ def write_plot(result: dict, path: str) -> str:
     top = max([e["summary"]["steps_per_block"]["median"] for e in diffusion] + [roof.crossover_steps, 2]
               + [stat["median"] for stat in measured.values() if stat])
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    sweep = result.get("batch_sweep")
+    fig, axes = plt.subplots(1, 2 if sweep else 1, figsize=(13 if sweep else 8, 5), squeeze=False)
+    ax = axes[0][0]
     tps = [e["summary"]["decode_tokens_per_second"] for e in fixed]
     ax.errorbar([e["steps"] for e in fixed], [t["median"] for t in tps],
                 yerr=[[t["median"] - t["min"] for t in tps], [t["max"] - t["median"] for t in tps]],
@@ -227,6 +246,8 @@ def write_plot(result: dict, path: str) -> str:
     for axis_format in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
         axis_format(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.legend(fontsize="small")
+    if sweep:
+        _plot_batch_sweep(axes[0][1], sweep)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
