@@ -99,10 +99,10 @@ class Checkpoint:
                 f"the prompt is {new} tokens{before}; with up to {self.sampler.max_new_tokens} new tokens "
                 f"that needs {needed} positions, but the model has {allowed}; {advice}")
 
-    def check_memory(self, prompt_tokens: int) -> None:
+    def check_memory(self, prompt_tokens: int, canvases: int = 1) -> None:
         """The planner's forecast from the safetensors sizes, before any weight is read."""
         plan(self.args, checkpoint_weight_bytes(self.path), self.context(0, prompt_tokens),
-             _activation_bytes(self.config), device_budget(self.settings.memory_limit)).require()
+             _activation_bytes(self.config), device_budget(self.settings.memory_limit)).require(canvases)
 
     def load(self):
         model, _ = load_model(self.path, cpu_dequantize=self.settings.cpu_dequantize,
@@ -274,7 +274,7 @@ def batch_command(settings: Settings, prompts_file: Path, no_chat_template: bool
                 if use_template else prompt_ids(tokenizer, text, None, False, False)[0] for text in texts]
         longest = max(len(ids) for ids in rows)
         checkpoint.check_positions(0, longest, "shorten the longest prompt or lower --max-tokens")
-        checkpoint.check_memory(longest)
+        checkpoint.check_memory(longest, min(max_batch or 1, len(rows)))
         model = checkpoint.load()
         answers = Answers()
         events = stream_generate(model, tokenizer, [ids.tolist() for ids in rows], config=checkpoint.sampler,

@@ -199,6 +199,20 @@ def test_errors(checkpoint, tmp_path, monkeypatch, args, code, message):
         assert result.stderr.startswith("mlxdg: ") and result.stderr.count("\n") == 1
 
 
+def test_a_batch_that_cannot_fit_fails_before_the_weights_are_read(checkpoint, tmp_path, monkeypatch):
+    """--max-batch asks for canvases the memory limit has no room for."""
+    def never(*a, **k):
+        raise AssertionError("the weights were read")
+
+    (tmp_path / "prompts.txt").write_text("one\ntwo\nthree\n")
+    args = ["generate", "--prompts-file", tmp_path / "prompts.txt", "--model", checkpoint, "-m", MAX_TOKENS]
+    tight = next(limit for limit in range(1 << 16, 1 << 30, 1 << 14)
+                 if mlxdg(*args, "--memory-limit", limit, "--max-batch", 1).exit_code == 0)
+    monkeypatch.setattr(commands, "load_model", never)
+    result = mlxdg(*args, "--memory-limit", tight, "--max-batch", 3)
+    assert result.exit_code == 1 and "3 x " in result.stderr and "is available" in result.stderr
+
+
 def test_no_prompt_is_a_usage_error(checkpoint):
     result = mlxdg("generate", "--model", checkpoint)
     assert result.exit_code == 2 and "give a prompt" in result.stderr
