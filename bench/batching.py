@@ -14,7 +14,8 @@ from typing import List, Sequence
 import mlx.core as mx
 import numpy as np
 
-from mlx_diffgemma.generate import batch_size, generate, resolve_config
+from mlx_diffgemma.generate import batch_size, generate
+from mlx_diffgemma.sampler import SamplerConfig
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,7 @@ def batch_sweep(model, tokenizer, batches: Sequence[int], prompt_tokens: int, ge
 
     def run(batch: int) -> BatchRecord:
         prompts = [rng.integers(3, vocab, prompt_tokens).tolist() for _ in range(batch)]
-        config = resolve_config(model, tokenizer, None, {k: v for k, v in fixed.items() if k != "seed"})
-        _, logits_canvases = batch_size(model, prompts, config, batch, None, None)
+        _, logits_canvases = batch_size(model, prompts, SamplerConfig(max_new_tokens=gen_tokens), batch, None, None)
         mx.reset_peak_memory()
         start = time.perf_counter()
         result = generate(model, tokenizer, prompts, max_batch=batch, **fixed)
