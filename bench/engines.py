@@ -24,7 +24,8 @@ import numpy as np
 from mlx_lm.generate import generate_step
 from mlx_lm.models.gemma4_text import Router, logit_softcap
 
-from mlx_diffgemma.generate import Draft, stream_generate
+from mlx_diffgemma.engine import Draft
+from mlx_diffgemma.generate import stream_generate
 
 # Answer lengths whose latency the report shows: the upper end of each bucket (1-5, 6-20, 21-64, 65-256).
 ANSWER_BUCKETS = ((1, 5), (6, 20), (21, 64), (65, 256))

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mlx_diffgemma.bench.synthetic import SHAPES, build_diffusion_model, synthetic_args
-from mlx_diffgemma.generate import denoise_step
+from mlx_diffgemma.engine import Denoiser, Row
 from mlx_diffgemma.sampler import MLXNoise, SamplerConfig, empty_history, temperatures
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -61,9 +61,11 @@ def measure(args, batch: int, prompt_tokens: int, repeats: int, warmup: int, dty
     history = empty_history(config, batch, L)
     mx.eval(canvas, soft)
 
+    denoiser = Denoiser(model, config, noise)
+
     def step():
-        denoise_step(model, cache, canvas, soft, history, config, float(temperatures(config)[1]), noise, rows,
-                     [0] * len(rows), 2)
+        denoiser.step(cache, canvas, soft, history, [Row(r) for r in rows], step=2,
+                      temperature=float(temperatures(config)[1]))
 
     def forward():
         mx.eval(model.logits(model.hidden_states(canvas, cache, soft)))

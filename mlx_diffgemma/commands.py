@@ -17,7 +17,8 @@ from mlx_lm.utils import load_tokenizer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .generate import (Answer, Answers, Block, Draft, GenerationResult, generation_result, print_summary, prompt_ids,
+from .engine import Draft
+from .generate import (Answer, Answers, Block, GenerationResult, generation_result, print_summary, prompt_ids,
                        statistics, stream_generate)
 from .live import make_view
 from .loader import CheckpointError, load_model, read_config, resolve_model_path

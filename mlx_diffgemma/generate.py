@@ -1,64 +1,33 @@
-"""Block-diffusion generation.
+"""Block-diffusion generation from text: prompts in, answers out.
 
-The prompt is encoded once. Each block then starts from a random canvas and
-is denoised for up to ``max_denoising_steps`` steps (see ``sampler``); its
-argmax is committed and encoded into the cache before the next block, except
-for the last block, which nothing reads. A step evaluates three graphs in
-turn: the decoder over the canvases, then the vocabulary projection with the
-sampler, then the next step's self-conditioning input, so that no logits
-outlive their rows' sampling.
-
-Prompts are batched: every prompt keeps its own cache, and each block the
-rows are denoised together through a ``BatchedContext`` (left-padded, with
-per-row positions, so a row's result does not depend on its neighbours).
-Rows finish on their own: a row whose block has stopped keeps its result and
-leaves the computation for the rest of that block, and a row that produced an
-end-of-sequence token gets no further blocks. When more prompts wait than the
-batch holds (``max_batch``; by default what the memory planner allows, at
-most ``DEFAULT_MAX_BATCH``), a row
-that finishes frees its slot for the next prompt at the next block boundary.
-The logits ([canvas, vocab] float32, far larger than anything else a canvas
-needs) exist only for as many rows at a time as the planner fits, so the
-batch is not limited by them.
+The public layer over ``engine``, as mlx-lm's ``generate`` is over its
+``generate_step``: it turns prompts into requests, sizes the batch with the
+memory planner, runs the ``Denoiser`` and turns its committed tokens into
+text and statistics. When more prompts wait than the batch holds
+(``max_batch``; by default what the memory planner allows, at most
+``DEFAULT_MAX_BATCH``), a prompt that finishes frees its slot for the next
+one at the next block boundary.
 """
 
-import itertools
-import math
 import time
-from collections import deque
 from dataclasses import dataclass, field, fields, replace
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
 
-from .cache import BatchedContext
+from .engine import Committed, Denoiser, Draft, Request
 from .memory import largest_context, parse_size, plan, weight_bytes
-from .sampler import MLXNoise, NoiseSource, SamplerConfig, decide, empty_history, temper, temperatures
+from .sampler import MLXNoise, NoiseSource, SamplerConfig
 
 # The default cap on canvases denoised at once. A 256-token canvas already
 # keeps an Apple GPU's (and this CPU's) arithmetic busy, so more canvases add
-# latency and no throughput there (performance.md's roofline); where a step is
+# latency and no throughput there (the roofline of ``bench``); where a step is
 # bandwidth-bound (datacenter GPUs) the gain levels off within a few canvases.
 DEFAULT_MAX_BATCH = 8
 
 SAMPLER_OPTIONS = ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max",
                    "stability_threshold", "confidence_threshold", "eos_token_id", "pad_token_id")
-
-
-@dataclass(frozen=True)
-class Draft:
-    """One denoising step of a block, for the batch ``rows`` still generating.
-    ``block`` counts the batch's blocks; with continuous batching a row that
-    joined later is at an earlier block of its own (``row_blocks``)."""
-
-    block: int
-    step: int
-    rows: Tuple[int, ...]
-    row_blocks: Tuple[int, ...]
-    canvas: np.ndarray  # [len(rows), L] argmax; rows that stopped keep their result
-    accepted: np.ndarray  # [len(rows)] positions accepted this step, 0 for rows that stopped earlier
-    stopped: np.ndarray  # [len(rows)] whether the row's block is done
 
 
 @dataclass(frozen=True)
@@ -74,13 +43,13 @@ class Statistics:
 
 @dataclass(frozen=True)
 class Block(Statistics):
-    """A committed block, with the running statistics of the whole call."""
+    """A committed round of blocks, with the running statistics of the whole call."""
 
-    block: int
+    round: int
     rows: Tuple[int, ...]
     row_blocks: Tuple[int, ...]  # each row's own block index
     tokens: np.ndarray  # [len(rows), L]; pad after an end-of-sequence token when pad_token_id is set
-    texts: List[str]  # new answer text of each row
+    texts: List[str]  # new answer text of each row, within max_new_tokens
     thinking: List[str]  # new thinking-channel text of each row, starting with the channel's name
     steps: List[int]  # denoising steps each row ran in this block
     finish_reasons: List[Optional[str]]  # "stop" (end of sequence), "length", or None: more blocks follow
@@ -109,18 +78,6 @@ def _only(texts: List[str]) -> str:
     if len(texts) != 1:
         raise ValueError(f"{len(texts)} rows were generated; use .texts")
     return texts[0]
-
-
-@dataclass
-class _Committed:
-    block: int
-    rows: Tuple[int, ...]
-    row_blocks: Tuple[int, ...]
-    tokens: np.ndarray
-    steps: np.ndarray
-    eos: np.ndarray  # rows that produced an end-of-sequence token
-    finished: np.ndarray
-    prompt_time: float
 
 
 def stream_generate(
@@ -168,7 +125,7 @@ def stream_generate(
         raise ValueError("cache= continues one conversation; give a single prompt")
     config = resolve_config(model, tokenizer, config, options)
     max_batch, logits_rows = batch_size(model, prompts, config, max_batch, memory_limit, cache)
-    noise = noise or MLXNoise(seed)
+    denoiser = Denoiser(model, config, noise or MLXNoise(seed), logits_rows)
     markers = _TextMarkers(tokenizer, config.eos_token_id)
     answers = [_AnswerText(tokenizer, markers) for _ in prompts]
     valid = np.zeros(len(prompts), dtype=np.int64)  # non-pad committed tokens, per row
@@ -178,7 +135,7 @@ def stream_generate(
     mx.reset_peak_memory()
     start = time.perf_counter()
     generated = 0
-    for event in _generate(model, prompts, config, noise, max_batch, logits_rows, cache):
+    for event in denoiser.run([Request(p, cache=cache) for p in prompts], max_batch):
         if isinstance(event, Draft):
             yield event
             continue
@@ -188,22 +145,22 @@ def stream_generate(
         else:
             valid[rows] += (event.tokens != config.pad_token_id).sum(axis=1)
         forwards[rows] += event.steps
-        texts, thinking = zip(*(answers[r].add(tokens, last)
-                                for r, tokens, last in zip(rows, event.tokens, event.finished)))
+        kept = np.where(event.cancelled, 0, event.kept)  # a cancelled row's last block is no answer's
+        texts, thinking = zip(*(answers[r].add(tokens[:n], last)
+                                for r, tokens, n, last in zip(rows, event.tokens, kept, event.finished)))
         generated += sum(answers[r].generated for r in rows)
         # Guards against a zero clock difference when a block costs next to nothing.
         prompt_time = max(event.prompt_time, 1e-9)
         generation_time = max(time.perf_counter() - start - prompt_time, 1e-9)
         yield Block(
-            block=event.block,
+            round=event.round,
             rows=event.rows,
             row_blocks=event.row_blocks,
             tokens=event.tokens,
             texts=list(texts),
             thinking=list(thinking),
             steps=event.steps.tolist(),
-            finish_reasons=[("stop" if eos else "length") if done else None
-                            for eos, done in zip(event.eos, event.finished)],
+            finish_reasons=finish_reasons(event),
             tokens_per_forward=(valid[rows] / forwards[rows]).tolist(),
             prompt_tokens=prompt_tokens,
             prompt_tps=prompt_tokens / prompt_time,
@@ -211,6 +168,12 @@ def stream_generate(
             generation_tps=generated / generation_time,
             peak_memory=mx.get_peak_memory() / 1e9,
         )
+
+
+def finish_reasons(event: Committed) -> List[Optional[str]]:
+    """Each row's: "stop" (end of sequence), "length", "cancelled", or None while more blocks follow."""
+    return [("cancelled" if cancelled else "stop" if eos else "length") if done else None
+            for eos, done, cancelled in zip(event.eos, event.finished, event.cancelled)]
 
 
 def batch_size(model, prompts, config: SamplerConfig, max_batch, memory_limit, cache) -> Tuple[int, int]:
@@ -379,172 +342,6 @@ def _ids(row) -> np.ndarray:
     if ids.size == 0:
         raise ValueError("empty prompt")
     return ids
-
-
-@dataclass
-class _Slot:
-    """A prompt being generated: its row in the batch, its cache, its block."""
-
-    row: int
-    cache: list
-    block: int = 0
-
-
-def _generate(model, prompts: List[np.ndarray], config: SamplerConfig, noise: NoiseSource, max_batch: int,
-              logits_rows: int, cache: Optional[list]):
-    """Token-level generation: yields ``Draft``s and ``_Committed`` blocks."""
-    L = model.args.canvas_length
-    n_blocks = math.ceil(config.max_new_tokens / L)
-    eos = np.array(config.eos_token_id or (), dtype=np.int64)
-    waiting = deque(range(len(prompts)))
-    active: List[_Slot] = []
-    prompt_time = 0.0
-
-    def admit():
-        nonlocal prompt_time
-        while waiting and len(active) < max_batch:
-            row = waiting.popleft()
-            start = time.perf_counter()
-            slot = _Slot(row, cache if cache is not None else model.make_cache())
-            model.encode(mx.array(prompts[row][None]), slot.cache)
-            prompt_time += time.perf_counter() - start
-            active.append(slot)
-
-    admit()
-    round_ = 0
-    while active:
-        context = BatchedContext([slot.cache for slot in active])
-        rows = np.array([slot.row for slot in active])
-        blocks = np.array([slot.block for slot in active])
-        tokens, steps = yield from _denoise_block(model, context, rows, blocks, round_, config, noise, logits_rows)
-        is_eos = np.isin(tokens, eos)
-        finished = is_eos.any(axis=1) | (blocks == n_blocks - 1)
-        if config.pad_token_id is not None:
-            after_eos = np.cumsum(is_eos, axis=1) - is_eos > 0
-            tokens[after_eos] = config.pad_token_id
-        yield _Committed(round_, tuple(rows.tolist()), tuple(blocks.tolist()), tokens, steps,
-                         is_eos.any(axis=1), finished, prompt_time)
-        keep = np.flatnonzero(~finished)
-        if len(keep):
-            model.encode(mx.array(tokens[keep]), context.take(keep.tolist()))
-        active = [active[i] for i in keep]
-        for slot in active:
-            slot.block += 1
-        admit()
-        round_ += 1
-
-
-def _by_block(draw, rows: Sequence[int], blocks: Sequence[int], *args, step: int) -> mx.array:
-    """One noise draw for rows that may be at different blocks: one call per
-    run of neighbouring rows at the same block, so no call mixes blocks (noise
-    sources key their draws by block), and ``args`` (the logits) are passed as
-    views, never copied."""
-    parts = []
-    for block, run in itertools.groupby(range(len(rows)), key=lambda i: blocks[i]):
-        run = list(run)
-        part = slice(run[0], run[-1] + 1)
-        parts.append(draw(*(a[part] for a in args), list(rows[part]), block=block, step=step))
-    return parts[0] if len(parts) == 1 else mx.concatenate(parts)
-
-
-@dataclass
-class Step:
-    """One denoising step of a batch, evaluated."""
-
-    canvas: mx.array  # [B, L] the next step's input
-    argmax: mx.array  # [B, L] what would be committed now
-    accepted: mx.array  # [B] positions whose proposals were kept
-    stop: np.ndarray  # [B] whether the row's block is done
-    history: mx.array  # [stability_threshold, B, L]
-    # The next step's self-conditioning, for the rows that go on (stop false),
-    # in their order; None after the schedule's last step or when all stop.
-    soft_embeddings: Optional[mx.array]
-
-
-def denoise_step(model, context, canvas, soft_embeddings, history, config: SamplerConfig, temperature: float,
-                 noise: NoiseSource, rows: Sequence[int], blocks: Sequence[int], step: int, *,
-                 logits_rows: Optional[int] = None, last: bool = False) -> Step:
-    """One denoising step of ``canvas`` [len(rows), L] for batch ``rows`` (at
-    ``blocks``). The body runs on every row at once; the logits and everything
-    computed from them (tempering, entropy, sampling, the next step's
-    self-conditioning) exist for ``logits_rows`` rows at a time, all rows when
-    None. ``last`` skips the self-conditioning that no step would read."""
-    hidden = model.hidden_states(canvas, context, soft_embeddings)
-    mx.eval(hidden)
-    size = logits_rows or len(rows)
-    parts = [_sample(model, hidden[start : start + size], history[:, start : start + size], config, temperature,
-                     noise, rows[start : start + size], blocks[start : start + size], step, last)
-             for start in range(0, len(rows), size)]
-    if len(parts) == 1:
-        return parts[0]
-    softs = [p.soft_embeddings for p in parts if p.soft_embeddings is not None]
-    return Step(
-        canvas=mx.concatenate([p.canvas for p in parts]),
-        argmax=mx.concatenate([p.argmax for p in parts]),
-        accepted=mx.concatenate([p.accepted for p in parts]),
-        stop=np.concatenate([p.stop for p in parts]),
-        history=mx.concatenate([p.history for p in parts], axis=1),
-        soft_embeddings=mx.concatenate(softs) if softs else None,
-    )
-
-
-def _sample(model, hidden, history, config: SamplerConfig, temperature: float, noise: NoiseSource,
-            rows: Sequence[int], blocks: Sequence[int], step: int, last: bool) -> Step:
-    """The sampler's part of a step for some rows, from their hidden states;
-    their logits are freed when it returns."""
-    L, V = model.args.canvas_length, model.args.vocab_size
-    processed, entropy, argmax = temper(model.logits(hidden), mx.array(temperature))
-    proposal = _by_block(noise.proposal, rows, blocks, processed, step=step)
-    renoise = _by_block(lambda rows, **kw: noise.canvas(rows, L, V, **kw), rows, blocks, step=step)
-    canvas, accepted, stop, history = decide(
-        entropy, argmax, proposal.astype(renoise.dtype), renoise, history,
-        mx.array(config.entropy_bound, dtype=mx.float32), mx.array(config.confidence_threshold, dtype=mx.float32))
-    mx.eval(canvas, argmax, accepted, stop, history)
-    stop = np.array(stop)
-    soft = None
-    if not last and not stop.all():
-        going = processed if not stop.any() else processed[mx.array(np.flatnonzero(~stop))]
-        soft = model.soft_embeddings(going)
-        mx.eval(soft)
-    return Step(canvas, argmax, accepted, stop, history, soft)
-
-
-def _denoise_block(model, context: BatchedContext, rows: np.ndarray, blocks: np.ndarray, round_: int,
-                   config: SamplerConfig, noise: NoiseSource, logits_rows: Optional[int]):
-    """Denoise one block for batch ``rows``; returns its argmax [len(rows), L]
-    and the steps each row ran."""
-    L, V = model.args.canvas_length, model.args.vocab_size
-    result = np.zeros((len(rows), L), dtype=np.int64)
-    steps = np.zeros(len(rows), dtype=np.int64)
-    active = np.arange(len(rows))  # positions in ``rows`` still denoising
-    view = context
-    canvas = _by_block(lambda rows, **kw: noise.canvas(rows, L, V, **kw), rows.tolist(), blocks.tolist(), step=0)
-    soft_embeddings = None
-    history = empty_history(config, len(rows), L)
-    schedule = temperatures(config)
-
-    for step, temperature in enumerate(schedule, start=1):
-        out = denoise_step(model, view, canvas, soft_embeddings, history, config, temperature, noise,
-                           rows[active].tolist(), blocks[active].tolist(), step,
-                           logits_rows=logits_rows, last=step == len(schedule))
-        result[active] = np.array(out.argmax)
-        steps[active] += 1
-        counts = np.zeros(len(rows), dtype=np.int64)
-        counts[active] = np.array(out.accepted)
-        stopped = np.ones(len(rows), dtype=bool)
-        stopped[active] = out.stop
-        yield Draft(round_, step, tuple(rows.tolist()), tuple(blocks.tolist()), result.copy(), counts, stopped)
-
-        if out.stop.all():
-            break
-        canvas, history, soft_embeddings = out.canvas, out.history, out.soft_embeddings
-        if out.stop.any():
-            keep = np.flatnonzero(~out.stop)
-            active = active[keep]
-            index = mx.array(keep)
-            canvas, history = canvas[index], history[:, index]
-            view = context.take(active.tolist())
-    return result, steps
 
 
 class _TextMarkers:

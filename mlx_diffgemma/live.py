@@ -15,7 +15,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from .generate import Draft
+from .engine import Draft
 
 SETTLED = "bold"
 NOISY = "dim yellow"
@@ -97,7 +97,7 @@ class LiveView:
         line = self.pending.copy()
         for token, still in zip(canvas.tolist(), settled):
             line.append(self._piece(token), SETTLED if still else NOISY)
-        status = Text(f"block {event.block + 1} \u00b7 step {event.step}/{self.max_steps} \u00b7 "
+        status = Text(f"block {event.row_blocks[0] + 1} \u00b7 step {event.step}/{self.max_steps} \u00b7 "
                       f"{int(settled.sum())}/{len(canvas)} settled \u00b7 "
                       f"{int(event.accepted[0])} accepted", STATUS)
         self._show(Group(line, status))

@@ -27,7 +27,7 @@ GiB = 1 << 30
 
 # Live [canvas, vocab] float32 buffers per canvas whose logits are being
 # computed, at the peak of a denoising step of the engine
-# (``generate.denoise_step``): the tempered logits, kept for the
+# (``engine.Denoiser.step``): the tempered logits, kept for the
 # self-conditioning softmax, and the sampler's two working buffers. Measured
 # with mx.get_peak_memory() on the small synthetic model of tests/test_memory.py;
 # change it when that code path changes.

@@ -118,7 +118,7 @@ def test_continuous_batching_keeps_the_batch_full(model_and_tokenizer):
     for block in blocks:
         assert len(block.rows) == min(2, waiting) or waiting <= 2
         waiting -= sum(reason is not None for reason in block.finish_reasons)
-    joined_late = [b for b in blocks if 0 in b.row_blocks and b.block > 0]
+    joined_late = [b for b in blocks if 0 in b.row_blocks and b.round > 0]
     assert joined_late, "a waiting prompt should start while another row is mid-generation"
     assert max(len(e.rows) for e in events if isinstance(e, Draft)) == 2
 

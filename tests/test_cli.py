@@ -151,7 +151,7 @@ def test_thinking_goes_to_stderr_and_json(checkpoint, monkeypatch):
 
     def thinking_stream(*args, **kwargs):
         for i, (text, thought) in enumerate(segments):
-            yield Block(block=i, rows=(0,), row_blocks=(i,), tokens=np.full((1, 8), 5), texts=[text],
+            yield Block(round=i, rows=(0,), row_blocks=(i,), tokens=np.full((1, 8), 5), texts=[text],
                         thinking=[thought], steps=[3], finish_reasons=[None if i < 2 else "stop"],
                         tokens_per_forward=[8 / 3], prompt_tokens=30, prompt_tps=1.0, generation_tokens=24,
                         generation_tps=1.0, peak_memory=0.1)

@@ -306,9 +306,9 @@ def test_stream_events_agree_with_the_result(checkpoints):
     result = generate(model, tokenizer, BATCH_PROMPT, **options)
 
     blocks = [e for e in events if isinstance(e, Block)]
-    assert [b.block for b in blocks] == list(range(len(blocks)))
+    assert [b.round for b in blocks] == list(range(len(blocks)))
     for block in blocks:
-        drafts = [e for e in events if isinstance(e, Draft) and e.block == block.block]
+        drafts = [e for e in events if isinstance(e, Draft) and e.round == block.round]
         assert [d.step for d in drafts] == list(range(1, len(drafts) + 1))
         assert len(drafts) == max(block.steps)
         # The committed block is the last draft's argmax.

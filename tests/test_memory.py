@@ -7,7 +7,7 @@ import mlx.nn as nn
 import pytest
 
 from mlx_diffgemma.cache import BatchedContext
-from mlx_diffgemma.generate import denoise_step
+from mlx_diffgemma.engine import Denoiser, Row
 from mlx_diffgemma.loader import load_model
 from mlx_diffgemma.memory import (InsufficientMemory, cgroup_memory_limit, checkpoint_weight_bytes, device_budget,
                                   kv_bytes, parse_size, plan)
@@ -104,10 +104,10 @@ def test_step_peak_forecast_within_25_percent(batch, logits_rows, prompt):
     mx.clear_cache()
     mx.reset_peak_memory()
     resident = mx.get_active_memory()
-    first = denoise_step(model, context, canvas, None, history, config, 0.8, noise, rows, rows, 1,
-                         logits_rows=logits_rows)
-    second = denoise_step(model, context, first.canvas, first.soft_embeddings, first.history, config, 0.7, noise,
-                          rows, rows, 2, logits_rows=logits_rows)
+    denoiser = Denoiser(model, config, noise, logits_rows)
+    first = denoiser.step(context, canvas, None, history, [Row(r, r) for r in rows], step=1, temperature=0.8)
+    second = denoiser.step(context, first.canvas, first.soft_embeddings, first.history, [Row(r, r) for r in rows],
+                           step=2, temperature=0.7)
     assert not second.stop.any() and second.soft_embeddings.shape[0] == batch
     measured = mx.get_peak_memory() - resident
     expected = forecast.peak(batch, logits_rows) - weights - batch * forecast.kv_per_prompt
