@@ -14,7 +14,7 @@ from typing import List, Sequence
 import mlx.core as mx
 import numpy as np
 
-from mlx_diffgemma.generate import batch_size, generate
+from mlx_diffgemma.generate import batch_generate, batch_size
 from mlx_diffgemma.sampler import SamplerConfig
 
 
@@ -45,7 +45,7 @@ def batch_sweep(model, tokenizer, batches: Sequence[int], prompt_tokens: int, ge
         _, logits_canvases = batch_size(model, prompts, SamplerConfig(max_new_tokens=gen_tokens), batch, None, None)
         mx.reset_peak_memory()
         start = time.perf_counter()
-        result = generate(model, tokenizer, prompts, max_batch=batch, **fixed)
+        result = batch_generate(model, tokenizer, prompts, max_batch=batch, **fixed)
         seconds = time.perf_counter() - start
         tokens = sum(len(t) for t in result.tokens)
         return BatchRecord(batch, seconds, tokens, tokens / seconds, seconds, logits_canvases,

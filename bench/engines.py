@@ -25,7 +25,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.gemma4_text import Router, logit_softcap
 
 from mlx_diffgemma.engine import Draft
-from mlx_diffgemma.generate import stream_generate
+from mlx_diffgemma.generate import stream_blocks
 
 # Answer lengths whose latency the report shows: the upper end of each bucket (1-5, 6-20, 21-64, 65-256).
 ANSWER_BUCKETS = ((1, 5), (6, 20), (21, 64), (65, 256))
@@ -179,7 +179,7 @@ def _record(prompt_tokens, generated, prefill_s, first_output_s, decode_tokens, 
 
 def run_diffusion(model, tokenizer, prompt: List[int], options: dict, seed: int,
                   counter: Optional[ExpertCounter] = None) -> dict:
-    """One generation with our engine (``options`` go to ``stream_generate``).
+    """One generation with our engine (``options`` go to ``stream_blocks``).
 
     A step is timed from the previous event (step, block or encode) to its
     draft; commits are ``model.encode`` calls after the prefill. The engine
@@ -192,7 +192,7 @@ def run_diffusion(model, tokenizer, prompt: List[int], options: dict, seed: int,
         count = counter.counting(L, skip=lambda: timer.running) if counter else nullcontext()
         with count:
             start = last = time.perf_counter()
-            for event in stream_generate(model, tokenizer, prompt, seed=seed, **options):
+            for event in stream_blocks(model, tokenizer, prompt, seed=seed, **options):
                 now = time.perf_counter()
                 if isinstance(event, Draft):
                     steps.append(now - max(last, timer.last_end))

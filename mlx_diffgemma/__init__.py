@@ -7,7 +7,7 @@ from . import blas
 
 blas.setup()
 
-from .generate import generate, stream_generate  # noqa: E402
+from .generate import batch_generate, generate, stream_blocks, stream_generate  # noqa: E402
 from .loader import load  # noqa: E402
 
-__all__ = ["load", "generate", "stream_generate", "__version__"]
+__all__ = ["load", "generate", "stream_generate", "batch_generate", "stream_blocks", "__version__"]

@@ -46,7 +46,7 @@ class ChatSession:
         """The tokens that add the user's ``message`` and open the model's answer."""
         if not self.transcript:
             messages = first_messages(self.settings, message)
-            return prompt_ids(self.tokenizer, None, messages, False, self.settings.think)[0].tolist()
+            return prompt_ids(self.tokenizer, None, messages=messages, enable_thinking=self.settings.think)[0].tolist()
         conversation = [{"role": "user", "content": "."}, {"role": "assistant", "content": _ANSWER},
                         {"role": "user", "content": message}]
         text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False,
@@ -115,7 +115,7 @@ def chat_command(settings: Settings) -> None:
     with reported(settings.debug):
         checkpoint = Checkpoint(settings)
         tokenizer = checkpoint.tokenizer
-        opening = prompt_ids(tokenizer, None, first_messages(settings, ""), False, settings.think)[0]
+        opening = prompt_ids(tokenizer, None, messages=first_messages(settings, ""), enable_thinking=settings.think)[0]
         checkpoint.check_memory(len(opening))
         session = ChatSession(checkpoint, checkpoint.load(), settings)
         if sys.stdin.isatty():

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .engine import Draft
 from .generate import (Answer, Answers, Block, GenerationResult, generation_result, print_summary, prompt_ids,
-                       statistics, stream_generate)
+                       run_statistics, stream_blocks)
 from .live import make_view
 from .loader import CheckpointError, load_model, read_config, resolve_model_path
 from .memory import InsufficientMemory, checkpoint_weight_bytes, device_budget, largest_context, parse_size, plan
@@ -161,7 +161,7 @@ class CommandAnswer(Answer):
             "finish_reason": self.finish_reason,
             "tokens": self.tokens,
             "steps_per_block": self.steps,
-            **statistics(self.last),
+            **run_statistics(self.last),
             "tokens_per_forward": self.tokens_per_forward if self.last else None,
         }
 
@@ -170,7 +170,7 @@ def run_answer(model, tokenizer, prompt: List[int], sampler: SamplerConfig, sett
                interrupt: SoftInterrupt, cache: Optional[list] = None) -> CommandAnswer:
     """Generate one answer to ``prompt`` (token ids), showing it on ``view``."""
     answer = CommandAnswer()
-    events = stream_generate(model, tokenizer, prompt, config=sampler, seed=settings.seed, cache=cache,
+    events = stream_blocks(model, tokenizer, prompt, config=sampler, seed=settings.seed, cache=cache,
                              memory_limit=settings.memory_limit)
     try:
         for event in events:
@@ -240,9 +240,10 @@ def generate_command(settings: Settings, prompt: Optional[str], prompt_file: Opt
         if no_chat_template or not tokenizer.has_chat_template:
             if settings.system:
                 raise typer.BadParameter("needs the chat template", param_hint="--system")
-            ids = prompt_ids(tokenizer, text, None, False, False)[0]
+            ids = prompt_ids(tokenizer, text)[0]
         else:
-            ids = prompt_ids(tokenizer, None, first_messages(settings, text), False, settings.think)[0]
+            messages = first_messages(settings, text)
+            ids = prompt_ids(tokenizer, None, messages=messages, enable_thinking=settings.think)[0]
         checkpoint.check_positions(0, len(ids), "shorten the prompt or lower --max-tokens")
         checkpoint.check_memory(len(ids))
         model = checkpoint.load()
@@ -271,14 +272,14 @@ def batch_command(settings: Settings, prompts_file: Path, no_chat_template: bool
         checkpoint = Checkpoint(settings)
         tokenizer = checkpoint.tokenizer
         use_template = not no_chat_template and tokenizer.has_chat_template
-        rows = [prompt_ids(tokenizer, None, first_messages(settings, text), False, settings.think)[0]
-                if use_template else prompt_ids(tokenizer, text, None, False, False)[0] for text in texts]
+        rows = [prompt_ids(tokenizer, None, messages=first_messages(settings, text), enable_thinking=settings.think)[0]
+                if use_template else prompt_ids(tokenizer, text)[0] for text in texts]
         longest = max(len(ids) for ids in rows)
         checkpoint.check_positions(0, longest, "shorten the longest prompt or lower --max-tokens")
         checkpoint.check_memory(longest, min(max_batch or 1, len(rows)))
         model = checkpoint.load()
         answers = Answers()
-        events = stream_generate(model, tokenizer, [ids.tolist() for ids in rows], config=checkpoint.sampler,
+        events = stream_blocks(model, tokenizer, [ids.tolist() for ids in rows], config=checkpoint.sampler,
                                  seed=settings.seed, memory_limit=settings.memory_limit, max_batch=max_batch)
         written = 0
         try:

@@ -9,6 +9,7 @@ text and statistics. When more prompts wait than the batch holds
 one at the next block boundary.
 """
 
+import difflib
 import time
 from dataclasses import dataclass, field, fields, replace
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -26,8 +27,7 @@ from .sampler import MLXNoise, NoiseSource, SamplerConfig
 # bandwidth-bound (datacenter GPUs) the gain levels off within a few canvases.
 DEFAULT_MAX_BATCH = 8
 
-SAMPLER_OPTIONS = ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max",
-                   "stability_threshold", "confidence_threshold", "eos_token_id", "pad_token_id")
+SAMPLER_OPTIONS = tuple(f.name for f in fields(SamplerConfig))
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class Block(Statistics):
     row_blocks: Tuple[int, ...]  # each row's own block index
     tokens: np.ndarray  # [len(rows), L]; pad after an end-of-sequence token when pad_token_id is set
     texts: List[str]  # new answer text of each row, within max_new_tokens
+    generated: List[int]  # tokens of each row's block that are its answer's: to max_new_tokens and EOS
     thinking: List[str]  # new thinking-channel text of each row, starting with the channel's name
     steps: List[int]  # denoising steps each row ran in this block
     finish_reasons: List[Optional[str]]  # "stop" (end of sequence), "length", or None: more blocks follow
@@ -61,7 +62,7 @@ class Block(Statistics):
 
 @dataclass(frozen=True)
 class GenerationResult(Statistics):
-    """What ``generate`` returns; every list has one entry per batch row."""
+    """What ``batch_generate`` returns; every list has one entry per prompt."""
 
     texts: List[str]  # the answers: no thinking channel, no special tokens, nothing after EOS
     thinking: List[str]
@@ -73,6 +74,11 @@ class GenerationResult(Statistics):
     def text(self) -> str:
         return _only(self.texts)
 
+    @property
+    def stats(self) -> Statistics:
+        """The statistics alone, where mlx-lm's ``BatchResponse`` keeps them."""
+        return Statistics(**run_statistics(self))
+
 
 def _only(texts: List[str]) -> str:
     if len(texts) != 1:
@@ -80,7 +86,7 @@ def _only(texts: List[str]) -> str:
     return texts[0]
 
 
-def stream_generate(
+def stream_blocks(
     model,
     tokenizer,
     prompt: Union[str, Sequence[int], Sequence[Union[str, Sequence[int]]], None] = None,
@@ -97,17 +103,17 @@ def stream_generate(
     **options,
 ) -> Iterator[Union[Draft, Block]]:
     """Generate from ``prompt`` and yield a ``Draft`` after every denoising
-    step and a ``Block`` after every committed block.
+    step and a ``Block`` after every committed round of blocks.
 
     ``prompt`` is text, token ids, or a list of either (a batch; lengths may
     differ). The chat template is applied to ``messages``, or to text prompts
     with ``chat=True``; thinking stays off unless ``enable_thinking``.
     Sampler settings come from ``config``, else from the checkpoint's
-    generation config, and each can be overridden by keyword
-    (``max_new_tokens``, ``max_denoising_steps``, ``entropy_bound``, ``t_min``,
-    ``t_max``, ``stability_threshold``, ``confidence_threshold``,
-    ``eos_token_id``, ``pad_token_id``). Randomness comes from ``noise``, or
-    from MLX seeded with ``seed``.
+    generation config, and each can be overridden by keyword (the fields of
+    ``SamplerConfig``; ``max_tokens`` is ``max_new_tokens`` and may be a list,
+    one per prompt; ``temp`` is a constant temperature, t_min = t_max).
+    Answers hold at most ``max_new_tokens`` tokens each, exactly. Randomness
+    comes from ``noise``, or from MLX seeded with ``seed``.
 
     ``cache`` (one prompt only) continues a conversation: the prompt is
     appended to it, and afterwards it holds the prompt and every committed
@@ -117,12 +123,17 @@ def stream_generate(
     most ``DEFAULT_MAX_BATCH``, and a request that cannot fit at all fails
     before anything is allocated.
     """
-    unknown = set(options) - set(SAMPLER_OPTIONS)
-    if unknown:
-        raise TypeError(f"unexpected options: {', '.join(sorted(unknown))}")
-    prompts = prompt_ids(tokenizer, prompt, messages, chat, enable_thinking)
+    options = sampler_options(options)
+    prompts = prompt_ids(tokenizer, prompt, messages=messages, chat=chat, enable_thinking=enable_thinking)
     if cache is not None and len(prompts) != 1:
         raise ValueError("cache= continues one conversation; give a single prompt")
+    limits = options.get("max_new_tokens")
+    if isinstance(limits, (list, tuple)):
+        if len(limits) != len(prompts):
+            raise ValueError(f"max_tokens has {len(limits)} entries for {len(prompts)} prompts")
+        options["max_new_tokens"] = max(limits)
+    else:
+        limits = [None] * len(prompts)
     config = resolve_config(model, tokenizer, config, options)
     max_batch, logits_rows = batch_size(model, prompts, config, max_batch, memory_limit, cache)
     denoiser = Denoiser(model, config, noise or MLXNoise(seed), logits_rows)
@@ -131,11 +142,12 @@ def stream_generate(
     valid = np.zeros(len(prompts), dtype=np.int64)  # non-pad committed tokens, per row
     forwards = np.zeros(len(prompts), dtype=np.int64)  # decoder passes, per row
     prompt_tokens = sum(len(p) for p in prompts)
+    requests = [Request(p, max_new_tokens=n, cache=cache) for p, n in zip(prompts, limits)]
 
     mx.reset_peak_memory()
     start = time.perf_counter()
     generated = 0
-    for event in denoiser.run([Request(p, cache=cache) for p in prompts], max_batch):
+    for event in denoiser.run(requests, max_batch):
         if isinstance(event, Draft):
             yield event
             continue
@@ -148,7 +160,8 @@ def stream_generate(
         kept = np.where(event.cancelled, 0, event.kept)  # a cancelled row's last block is no answer's
         texts, thinking = zip(*(answers[r].add(tokens[:n], last)
                                 for r, tokens, n, last in zip(rows, event.tokens, kept, event.finished)))
-        generated += sum(answers[r].generated for r in rows)
+        counts = [answers[r].generated for r in rows]
+        generated += sum(counts)
         # Guards against a zero clock difference when a block costs next to nothing.
         prompt_time = max(event.prompt_time, 1e-9)
         generation_time = max(time.perf_counter() - start - prompt_time, 1e-9)
@@ -158,6 +171,7 @@ def stream_generate(
             row_blocks=event.row_blocks,
             tokens=event.tokens,
             texts=list(texts),
+            generated=counts,
             thinking=list(thinking),
             steps=event.steps.tolist(),
             finish_reasons=finish_reasons(event),
@@ -176,6 +190,124 @@ def finish_reasons(event: Committed) -> List[Optional[str]]:
             for eos, done, cancelled in zip(event.eos, event.finished, event.cancelled)]
 
 
+@dataclass(frozen=True)
+class GenerationResponse(Statistics):
+    """What ``stream_generate`` yields, once per committed block, with
+    mlx-lm's fields: ``text`` is the block's new answer text, ``token`` its
+    last token. A canvas is sampled as a whole, so there are no per-token
+    ``logprobs`` (None) and nothing comes from a draft model."""
+
+    text: str
+    token: Optional[int]  # None when the block added no token (its answer had ended)
+    finish_reason: Optional[str]  # "stop", "length", or None while more blocks follow
+    tokens: List[int]  # the block's tokens within the answer
+    thinking: str  # the block's new thinking-channel text
+    steps: int  # denoising steps of the block
+    tokens_per_forward: float  # so far
+    logprobs: None = None
+    from_draft: bool = False
+
+
+def stream_generate(model, tokenizer, prompt=None, max_tokens: Optional[int] = None,
+                    **kwargs) -> Iterator[GenerationResponse]:
+    """mlx-lm's ``stream_generate`` for one prompt: a ``GenerationResponse``
+    per committed block, the last with its ``finish_reason``. Keywords as
+    ``stream_blocks``, which also yields every denoising step's draft."""
+    prompt = _one_prompt(tokenizer, prompt, kwargs, "stream_blocks")
+    for block in stream_blocks(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs):
+        if isinstance(block, Block):
+            tokens = block.tokens[0][: block.generated[0]].tolist()
+            yield GenerationResponse(
+                text=block.texts[0], token=tokens[-1] if tokens else None, finish_reason=block.finish_reasons[0],
+                tokens=tokens, thinking=block.thinking[0], steps=block.steps[0],
+                tokens_per_forward=block.tokens_per_forward[0], **run_statistics(block))
+
+
+def generate(model, tokenizer, prompt=None, max_tokens: Optional[int] = None, verbose: bool = False,
+             **kwargs) -> str:
+    """mlx-lm's ``generate``: the answer to one prompt, as text. ``verbose``
+    streams it and prints mlx-lm's statistics lines. Keywords as
+    ``stream_blocks``; ``batch_generate`` returns the tokens, thinking and
+    statistics too, for one prompt or many."""
+    prompt = _one_prompt(tokenizer, prompt, kwargs, "batch_generate")
+    return batch_generate(model, tokenizer, prompt, max_tokens, verbose, **kwargs).text
+
+
+def batch_generate(model, tokenizer, prompts=None, max_tokens=None, verbose: bool = False,
+                   **kwargs) -> GenerationResult:
+    """Answer every prompt (text, token ids, or a list of either), batched,
+    and return the answers with their statistics, one entry per prompt in
+    each list. ``max_tokens`` may be a list, one per prompt. ``verbose``
+    prints mlx-lm's statistics lines (and streams a single prompt's answer).
+    Keywords as ``stream_blocks``."""
+    answers = Answers()
+    if verbose:
+        print("=" * 10)
+    for event in stream_blocks(model, tokenizer, prompts, max_tokens=max_tokens, **kwargs):
+        if isinstance(event, Block):
+            answers.add(event)
+            if verbose and len(answers.rows) == 1:
+                print(event.texts[0], end="", flush=True)
+    result = answers.result()
+    if verbose:
+        print_summary(result)
+    return result
+
+
+def _one_prompt(tokenizer, prompt, kwargs: dict, batched: str) -> np.ndarray:
+    """The token ids of a call's single prompt; the chat options are taken out of ``kwargs``."""
+    prompts = prompt_ids(tokenizer, prompt, messages=kwargs.pop("messages", None), chat=kwargs.pop("chat", False),
+                         enable_thinking=kwargs.pop("enable_thinking", False))
+    if len(prompts) != 1:
+        raise TypeError(f"{len(prompts)} prompts given; this takes one (use {batched} for several)")
+    return prompts[0]
+
+
+# Keywords of mlx-lm's generate that mean nothing for a canvas denoised in parallel, and what to use instead.
+NOT_FOR_DIFFUSION = {
+    "sampler": "a per-token sampler; canvases are sampled by the checkpoint's entropy-bound sampler: "
+               "set temp=, t_min=/t_max= or entropy_bound=",
+    "logits_processors": "per-token logits processors do not apply to a canvas denoised in parallel",
+    "draft_model": "speculative decoding does not apply: a block is already decoded in parallel",
+    "prompt_cache": "use cache=, a model.make_cache() that the prompt is appended to",
+    "max_kv_size": "sliding-window layers bound their caches themselves",
+    "temperature": "a constant temperature is temp=; a schedule is t_max= (first step) to t_min= (last)",
+}
+
+API_KEYWORDS = ("max_tokens", "temp", "verbose", "messages", "chat", "enable_thinking", "config", "seed", "noise",
+                "cache", "max_batch", "memory_limit")
+
+
+def sampler_options(options: dict) -> dict:
+    """``options`` as SamplerConfig overrides: ``max_tokens`` becomes
+    ``max_new_tokens`` and ``temp`` both temperatures; anything else unknown
+    raises TypeError with a hint."""
+    options = dict(options)
+    max_tokens = options.pop("max_tokens", None)
+    if max_tokens is not None:
+        if options.get("max_new_tokens") is not None:
+            raise TypeError("give max_tokens or max_new_tokens, not both")
+        options["max_new_tokens"] = max_tokens
+    temp = options.pop("temp", None)
+    if temp is not None:
+        if options.get("t_min") is not None or options.get("t_max") is not None:
+            raise TypeError("temp= sets both t_min and t_max; give temp or those")
+        options["t_min"] = options["t_max"] = temp
+    unknown = sorted(set(options) - set(SAMPLER_OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected options: {'; '.join(map(_hint, unknown))}")
+    return options
+
+
+def _hint(name: str) -> str:
+    if name in NOT_FOR_DIFFUSION:
+        return f"{name} ({NOT_FOR_DIFFUSION[name]})"
+    close = difflib.get_close_matches(name, SAMPLER_OPTIONS + API_KEYWORDS, n=1)
+    return f"{name} (did you mean {close[0]}?)" if close else name
+
+
+
+
 def batch_size(model, prompts, config: SamplerConfig, max_batch, memory_limit, cache) -> Tuple[int, int]:
     """Canvases to denoise at once (``max_batch``, else as many as the memory
     planner fits, at most ``DEFAULT_MAX_BATCH``) and how many of them may
@@ -192,24 +324,7 @@ def batch_size(model, prompts, config: SamplerConfig, max_batch, memory_limit, c
     return canvases, memory.logits_rows(canvases)
 
 
-def generate(model, tokenizer, prompt=None, *, verbose: bool = False, **kwargs) -> GenerationResult:
-    """Run ``stream_generate`` to the end (same arguments) and return the
-    answers with their statistics. ``verbose`` prints like ``mlx_lm.generate``."""
-    answers = Answers()
-    if verbose:
-        print("=" * 10)
-    for event in stream_generate(model, tokenizer, prompt, **kwargs):
-        if isinstance(event, Block):
-            answers.add(event)
-            if verbose and len(answers.rows) == 1:
-                print(event.texts[0], end="", flush=True)
-    result = answers.result()
-    if verbose:
-        print_summary(result)
-    return result
-
-
-def statistics(block: Optional[Block]) -> dict:
+def run_statistics(block: Optional[Block]) -> dict:
     """The running statistics a block carries; None each before the first block."""
     return {f.name: getattr(block, f.name, None) for f in fields(Statistics)}
 
@@ -275,7 +390,7 @@ def generation_result(answers: List[Answer], last: Block) -> GenerationResult:
         finish_reasons=[a.finish_reason for a in answers],
         steps_per_block=[a.steps for a in answers],
         tokens_per_forward=[a.tokens_per_forward for a in answers],
-        **statistics(last),
+        **run_statistics(last),
     )
 
 
@@ -310,7 +425,8 @@ def resolve_config(model, tokenizer, config: Optional[SamplerConfig], options: d
     return config
 
 
-def prompt_ids(tokenizer, prompt, messages, chat: bool, enable_thinking: bool) -> List[np.ndarray]:
+def prompt_ids(tokenizer, prompt, *, messages: Optional[List[dict]] = None, chat: bool = False,
+               enable_thinking: bool = False) -> List[np.ndarray]:
     """The prompts as token-id arrays, one per batch row."""
     if messages is not None:
         return [_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
@@ -330,7 +446,9 @@ def prompt_ids(tokenizer, prompt, messages, chat: bool, enable_thinking: bool) -
                 row = tokenizer.apply_chat_template([{"role": "user", "content": row}],
                                                     add_generation_prompt=True, enable_thinking=enable_thinking)
             else:
-                row = tokenizer.encode(row)
+                # As mlx-lm: no second BOS before a prompt that starts with one (a rendered chat template).
+                bos = getattr(tokenizer, "bos_token", None)
+                row = tokenizer.encode(row, add_special_tokens=bos is None or not row.startswith(bos))
         elif chat:
             raise TypeError("chat=True needs text prompts")
         out.append(_ids(row))

@@ -102,10 +102,10 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def load(path_or_repo: str, revision: str = None, lazy: bool = False,
+def load(path_or_hf_repo: str, revision: str = None, lazy: bool = False,
          cpu_dequantize: str = "auto") -> Tuple[Model, Any]:
     """Load a DiffusionGemma checkpoint: ``model, tokenizer = load("path/or/repo")``."""
-    path = resolve_model_path(str(path_or_repo), revision)
+    path = resolve_model_path(str(path_or_hf_repo), revision)
     model, config = load_model(path, lazy=lazy, cpu_dequantize=cpu_dequantize)
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     return model, tokenizer

@@ -51,8 +51,9 @@ class SamplerConfig:
         for name in ("entropy_bound", "confidence_threshold"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if not 0 <= self.t_min < self.t_max:
-            raise ValueError(f"need 0 <= t_min < t_max, got t_min={self.t_min!r}, t_max={self.t_max!r}")
+        # t_min = t_max is a constant temperature; t_max 0 would divide the logits by 0.
+        if not (0 <= self.t_min <= self.t_max and self.t_max > 0):
+            raise ValueError(f"need 0 <= t_min <= t_max and t_max > 0, got t_min={self.t_min!r}, t_max={self.t_max!r}")
 
     @classmethod
     def from_dict(cls, config: Dict[str, Any]) -> "SamplerConfig":

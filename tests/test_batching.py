@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_diffgemma import generate, load, stream_generate
+from mlx_diffgemma import batch_generate, load, stream_blocks
 from mlx_diffgemma.generate import DEFAULT_MAX_BATCH, Block, Draft
 from mlx_diffgemma.memory import InsufficientMemory, largest_context, plan, weight_bytes
 
@@ -44,7 +44,7 @@ def prompts(vocab):
 
 
 def alone(model, tokenizer, batch, **options):
-    return [generate(model, tokenizer, [p], noise=PromptNoise([key]), **OPTIONS, **options)
+    return [batch_generate(model, tokenizer, [p], noise=PromptNoise([key]), **OPTIONS, **options)
             for key, p in enumerate(batch)]
 
 
@@ -78,7 +78,7 @@ def rows_ending_apart(model, tokenizer):
 def test_padded_batch_is_per_row_identical(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     batch, eos, singles = rows_ending_apart(model, tokenizer)
-    batched = generate(model, tokenizer, batch, noise=PromptNoise(range(len(batch))), eos_token_id=eos, **OPTIONS)
+    batched = batch_generate(model, tokenizer, batch, noise=PromptNoise(range(len(batch))), eos_token_id=eos, **OPTIONS)
     assert_rows_match(batched, singles)
 
 
@@ -94,7 +94,7 @@ def test_logits_are_computed_a_few_rows_at_a_time_when_they_do_not_fit(model_and
     logits = model.logits
     model.logits = lambda hidden: seen.append(hidden.shape[0]) or logits(hidden)
     try:
-        batched = generate(model, tokenizer, batch, noise=PromptNoise(range(len(batch))), eos_token_id=eos,
+        batched = batch_generate(model, tokenizer, batch, noise=PromptNoise(range(len(batch))), eos_token_id=eos,
                            memory_limit=limit, **OPTIONS)
     finally:
         del model.logits
@@ -110,7 +110,7 @@ def test_continuous_batching_keeps_the_batch_full(model_and_tokenizer):
     eos = [pick_eos(singles[1], 0, 0, 1, L)]  # row 1 ends in its first block
     singles = alone(model, tokenizer, batch, eos_token_id=eos)
 
-    events = list(stream_generate(model, tokenizer, batch, noise=PromptNoise(range(len(batch))),
+    events = list(stream_blocks(model, tokenizer, batch, noise=PromptNoise(range(len(batch))),
                                   eos_token_id=eos, max_batch=2, **OPTIONS))
     blocks = [e for e in events if isinstance(e, Block)]
     # Two canvases at a time while prompts wait; a row that ends frees its slot at the next block.
@@ -122,7 +122,7 @@ def test_continuous_batching_keeps_the_batch_full(model_and_tokenizer):
     assert joined_late, "a waiting prompt should start while another row is mid-generation"
     assert max(len(e.rows) for e in events if isinstance(e, Draft)) == 2
 
-    batched = generate(model, tokenizer, batch, noise=PromptNoise(range(len(batch))), eos_token_id=eos,
+    batched = batch_generate(model, tokenizer, batch, noise=PromptNoise(range(len(batch))), eos_token_id=eos,
                        max_batch=2, **OPTIONS)
     assert_rows_match(batched, singles)
 
@@ -134,7 +134,7 @@ def test_default_batch_is_what_fits_and_at_most_the_cap(model_and_tokenizer):
     options = dict(OPTIONS, max_new_tokens=8, eos_token_id=[])
 
     def widest(**kwargs):
-        events = stream_generate(model, tokenizer, many, noise=PromptNoise(range(len(many))), **options, **kwargs)
+        events = stream_blocks(model, tokenizer, many, noise=PromptNoise(range(len(many))), **options, **kwargs)
         return max(len(e.rows) for e in events if isinstance(e, Draft))
 
     assert widest() == DEFAULT_MAX_BATCH
@@ -148,10 +148,10 @@ def test_chat_cache_continues_a_conversation(model_and_tokenizer):
     """``cache=`` appends to an existing cache: same result as encoding everything at once."""
     model, tokenizer = model_and_tokenizer
     first, second = prompts(model.args.vocab_size)[:2]
-    fresh = generate(model, tokenizer, [first + second], noise=PromptNoise([0]), **OPTIONS)
+    fresh = batch_generate(model, tokenizer, [first + second], noise=PromptNoise([0]), **OPTIONS)
     cache = model.make_cache()
     model.encode(mx.array([first]), cache)
-    continued = generate(model, tokenizer, [second], cache=cache, noise=PromptNoise([0]), **OPTIONS)
+    continued = batch_generate(model, tokenizer, [second], cache=cache, noise=PromptNoise([0]), **OPTIONS)
     assert continued.tokens == fresh.tokens
     blocks = len(fresh.tokens[0]) // model.args.canvas_length
     assert cache[0].offset == len(first) + len(second) + (blocks - 1) * model.args.canvas_length
@@ -163,5 +163,5 @@ def test_request_that_cannot_fit_fails_before_allocating(model_and_tokenizer):
     mx.reset_peak_memory()
     before = mx.get_active_memory()
     with pytest.raises(InsufficientMemory, match="is available"):
-        generate(model, tokenizer, prompts(model.args.vocab_size), memory_limit=4096, **OPTIONS)
+        batch_generate(model, tokenizer, prompts(model.args.vocab_size), memory_limit=4096, **OPTIONS)
     assert mx.get_peak_memory() <= before + (1 << 20)

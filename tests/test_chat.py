@@ -7,7 +7,7 @@ import signal
 import pytest
 from typer.testing import CliRunner
 
-from mlx_diffgemma import commands, generate
+from mlx_diffgemma import batch_generate, commands
 from mlx_diffgemma.chat import HELP, ChatSession
 from mlx_diffgemma.cli import app
 from mlx_diffgemma.commands import Checkpoint, Settings, SoftInterrupt
@@ -50,7 +50,7 @@ def counting_encodes(session, monkeypatch):
 
 
 def fresh(session, tokens, seed):
-    return generate(session.model, session.tokenizer, tokens, seed=seed, config=session.sampler)
+    return batch_generate(session.model, session.tokenizer, tokens, seed=seed, config=session.sampler)
 
 
 @pytest.mark.parametrize("seed, first_finish", [(2, "stop"), (1, "length")])
@@ -94,7 +94,7 @@ def test_ctrl_c_stops_the_answer_and_the_conversation_goes_on(settling, monkeypa
     cache; a second one interrupts at once, and the cache is rebuilt. Either
     way the committed block stays in the conversation."""
     session = session_for(settling, 1, max_tokens=4 * L)
-    stream = commands.stream_generate
+    stream = commands.stream_blocks
 
     def interrupted(*args, **kwargs):
         for event in stream(*args, **kwargs):
@@ -103,12 +103,12 @@ def test_ctrl_c_stops_the_answer_and_the_conversation_goes_on(settling, monkeypa
                 for _ in range(presses):
                     os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(commands, "stream_generate", interrupted)
+    monkeypatch.setattr(commands, "stream_blocks", interrupted)
     with SoftInterrupt() as interrupt:
         first = session.ask("hello", QuietView(), interrupt)
     assert first.finish_reason == "interrupted" and len(first.tokens) == L
     assert (session.cache is None) == (presses == 2)
-    monkeypatch.setattr(commands, "stream_generate", stream)
+    monkeypatch.setattr(commands, "stream_blocks", stream)
 
     encoded = counting_encodes(session, monkeypatch)
     turn = session.turn_tokens("how are you")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from mlx_diffgemma import commands, generate, load
+from mlx_diffgemma import batch_generate, commands, load
 from mlx_diffgemma.cli import app
 from mlx_diffgemma.generate import Block
 
@@ -30,7 +30,7 @@ def api_answer(path, seed, max_tokens=MAX_TOKENS):
     model, tokenizer = load(path)
     ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
                                         enable_thinking=False)
-    return generate(model, tokenizer, ids, seed=seed, max_new_tokens=max_tokens)
+    return batch_generate(model, tokenizer, ids, seed=seed, max_new_tokens=max_tokens)
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +131,8 @@ def test_ctrl_c_prints_what_was_committed(checkpoint, monkeypatch):
                 first.append(event.texts[0])
                 os.kill(os.getpid(), signal.SIGINT)
 
-    stream = commands.stream_generate
-    monkeypatch.setattr(commands, "stream_generate", interrupted)
+    stream = commands.stream_blocks
+    monkeypatch.setattr(commands, "stream_blocks", interrupted)
     result = run(checkpoint, "--seed", 1, "-m", 64)
     assert result.exit_code == 130
     assert result.stdout == first[0] + "\n"
@@ -152,11 +152,11 @@ def test_thinking_goes_to_stderr_and_json(checkpoint, monkeypatch):
     def thinking_stream(*args, **kwargs):
         for i, (text, thought) in enumerate(segments):
             yield Block(round=i, rows=(0,), row_blocks=(i,), tokens=np.full((1, 8), 5), texts=[text],
-                        thinking=[thought], steps=[3], finish_reasons=[None if i < 2 else "stop"],
+                        generated=[8], thinking=[thought], steps=[3], finish_reasons=[None if i < 2 else "stop"],
                         tokens_per_forward=[8 / 3], prompt_tokens=30, prompt_tps=1.0, generation_tokens=24,
                         generation_tps=1.0, peak_memory=0.1)
 
-    monkeypatch.setattr(commands, "stream_generate", thinking_stream)
+    monkeypatch.setattr(commands, "stream_blocks", thinking_stream)
     result = run(checkpoint, "--think")
     assert (result.stdout, result.stderr) == ("Hi there\n", "first, greet")
     out = json.loads(run(checkpoint, "--think", "--json").stdout)
@@ -177,7 +177,7 @@ def wrong_model_type(tmp_path):
                  id="prompt and answer too long"),
     pytest.param(["--memory-limit", "1KB"], 1, "is available; use a smaller quantization", id="memory"),
     pytest.param(["--steps", 0], 2, "Invalid value for '--steps'", id="steps"),
-    pytest.param(["--t-min", 0.9, "--t-max", 0.5], 2, "need 0 <= t_min < t_max", id="temperatures"),
+    pytest.param(["--t-min", 0.9, "--t-max", 0.5], 2, "need 0 <= t_min <= t_max", id="temperatures"),
     pytest.param(["--memory-limit", "lots"], 2, "not a memory size: 'lots'", id="memory limit"),
     pytest.param(["--cpu-dequantize", "sometimes"], 2, "Invalid value for '--cpu-dequantize'", id="dequantize"),
     pytest.param(["--prompt-file", os.devnull], 2, "the prompt is empty", id="empty prompt"),
@@ -281,7 +281,7 @@ def test_prompts_file_answers_in_order_as_a_batch(checkpoint, tmp_path, monkeypa
     model, tokenizer = load(checkpoint)
     ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                          enable_thinking=False) for p in prompts]
-    api = generate(model, tokenizer, ids, seed=3, max_new_tokens=MAX_TOKENS)
+    api = batch_generate(model, tokenizer, ids, seed=3, max_new_tokens=MAX_TOKENS)
 
     result = mlxdg("generate", "--prompts-file", tmp_path / "lines.jsonl", "--model", checkpoint,
                    "-m", MAX_TOKENS, "--seed", 3, "--json")
@@ -300,14 +300,14 @@ def test_prompts_file_answers_in_order_as_a_batch(checkpoint, tmp_path, monkeypa
 
     two_at_a_time = mlxdg("generate", "--prompts-file", tmp_path / "lines.jsonl", "--model", checkpoint,
                           "-m", MAX_TOKENS, "--seed", 3, "--json", "--max-batch", 2)
-    paired = generate(model, tokenizer, ids, seed=3, max_new_tokens=MAX_TOKENS, max_batch=2)
+    paired = batch_generate(model, tokenizer, ids, seed=3, max_new_tokens=MAX_TOKENS, max_batch=2)
     assert paired.tokens != api.tokens, "two at a time draws other noise than three at once"
     assert [json.loads(line)["tokens"] for line in two_at_a_time.stdout.splitlines()] == paired.tokens
     alone = mlxdg("generate", "hi", "--model", checkpoint, "--max-batch", 2)
     assert alone.exit_code == 2 and "--max-batch goes with --prompts-file" in alone.output
 
     # Ctrl-C once the first prompt is done (one at a time): its answer is already written.
-    stream = commands.stream_generate
+    stream = commands.stream_blocks
 
     def interrupted_after_the_first_answer(*args, **kwargs):
         for event in stream(*args, **kwargs):
@@ -315,8 +315,8 @@ def test_prompts_file_answers_in_order_as_a_batch(checkpoint, tmp_path, monkeypa
             if isinstance(event, Block) and event.rows == (0,) and event.finish_reasons[0] is not None:
                 raise KeyboardInterrupt
 
-    one_at_a_time = generate(model, tokenizer, ids, seed=3, max_new_tokens=MAX_TOKENS, max_batch=1)
-    monkeypatch.setattr(commands, "stream_generate", interrupted_after_the_first_answer)
+    one_at_a_time = batch_generate(model, tokenizer, ids, seed=3, max_new_tokens=MAX_TOKENS, max_batch=1)
+    monkeypatch.setattr(commands, "stream_blocks", interrupted_after_the_first_answer)
     stopped = mlxdg("generate", "--prompts-file", tmp_path / "lines.jsonl", "--model", checkpoint,
                     "-m", MAX_TOKENS, "--seed", 3, "--json", "--max-batch", 1)
     assert stopped.exit_code == 130 and "the first 1 of 3 answers were written" in stopped.stderr

@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_diffgemma import generate, load
+from mlx_diffgemma import batch_generate, load
 from mlx_diffgemma.engine import Committed, Denoiser, Draft, Request, RequestQueue
 from mlx_diffgemma.sampler import MLXNoise, SamplerConfig
 
@@ -72,7 +72,7 @@ def test_max_new_tokens_is_exact_per_request(model):
 
 def test_the_text_layer_keeps_max_new_tokens_exactly(loaded):
     model, tokenizer = loaded
-    result = generate(model, tokenizer, prompts(model.args.vocab_size)[:2], max_new_tokens=13, eos_token_id=[],
+    result = batch_generate(model, tokenizer, prompts(model.args.vocab_size)[:2], max_new_tokens=13, eos_token_id=[],
                       max_denoising_steps=2, seed=0)
     assert result.generation_tokens == 26 and result.finish_reasons == ["length", "length"]
     # The committed canvases stay whole, as the reference returns them.

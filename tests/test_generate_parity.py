@@ -31,7 +31,7 @@ import torch
 from transformers import DiffusionGemmaForBlockDiffusion
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 
-from mlx_diffgemma import generate, load, stream_generate
+from mlx_diffgemma import batch_generate, generate, load, stream_blocks
 from mlx_diffgemma.bench import step_time
 from mlx_diffgemma.generate import Block, Draft
 from mlx_diffgemma.model import ModelArgs
@@ -224,9 +224,11 @@ def test_tokens_match_reference(name, checkpoints, monkeypatch):
 
     eos = None
     if setting.eos:
-        free_run = generate(model, tokenizer, prompt, noise=TableNoise(table), eos_token_id=[], **setting.sampler())
+        free_run = batch_generate(model, tokenizer, prompt, noise=TableNoise(table), eos_token_id=[],
+                                  **setting.sampler())
         eos = [pick_eos(free_run.tokens, *where, L) for where in setting.eos]
-    ours = generate(model, tokenizer, prompt, noise=TableNoise(table), eos_token_id=eos or [], **setting.sampler())
+    ours = batch_generate(model, tokenizer, prompt, noise=TableNoise(table), eos_token_id=eos or [],
+                          **setting.sampler())
     expected, expected_tpf = run_reference(reference, prompt, setting, eos, table, monkeypatch)
 
     for row, tokens in enumerate(ours.tokens):
@@ -251,7 +253,7 @@ BATCH_OPTIONS = dict(max_new_tokens=24, max_denoising_steps=10, entropy_bound=0.
 
 def test_seeded_runs_are_reproducible_and_seeds_differ(checkpoints):
     model, tokenizer, _ = checkpoints("two_layer")
-    runs = [generate(model, tokenizer, BATCH_PROMPT, seed=seed, **BATCH_OPTIONS).tokens for seed in (7, 7, 8)]
+    runs = [batch_generate(model, tokenizer, BATCH_PROMPT, seed=seed, **BATCH_OPTIONS).tokens for seed in (7, 7, 8)]
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
 
@@ -284,7 +286,7 @@ def test_finished_rows_leave_the_computation(checkpoints):
     noise = TableNoise(NoiseTable(setting.seed, setting.batch, L, V))
 
     with batch_sizes(model) as seen:
-        result = generate(model, tokenizer, prompt, noise=noise, eos_token_id=[], **setting.sampler())
+        result = batch_generate(model, tokenizer, prompt, noise=noise, eos_token_id=[], **setting.sampler())
     # A row is computed for exactly the steps it ran: once its block stops, it costs nothing more.
     assert sum(seen["denoise"]) == sum(map(sum, result.steps_per_block)) and 1 in seen["denoise"]
     assert seen["logits"] == seen["denoise"]
@@ -293,7 +295,7 @@ def test_finished_rows_leave_the_computation(checkpoints):
 
     eos = pick_eos(result.tokens, 0, 0, 3, L)
     with batch_sizes(model) as seen:
-        result = generate(model, tokenizer, prompt, noise=noise, eos_token_id=[eos], **setting.sampler())
+        result = batch_generate(model, tokenizer, prompt, noise=noise, eos_token_id=[eos], **setting.sampler())
     # The prompt of both rows, then only the row that did not end is committed and denoised.
     assert result.finish_reasons[0] == "stop" and len(result.tokens[0]) == L
     assert seen["encode"] == [1, 1, 1] and seen["denoise"][-1] == 1
@@ -302,8 +304,8 @@ def test_finished_rows_leave_the_computation(checkpoints):
 def test_stream_events_agree_with_the_result(checkpoints):
     model, tokenizer, _ = checkpoints("settling:two_layer:0.3")
     options = dict(BATCH_OPTIONS, seed=3, pad_token_id=None)
-    events = list(stream_generate(model, tokenizer, BATCH_PROMPT, **options))
-    result = generate(model, tokenizer, BATCH_PROMPT, **options)
+    events = list(stream_blocks(model, tokenizer, BATCH_PROMPT, **options))
+    result = batch_generate(model, tokenizer, BATCH_PROMPT, **options)
 
     blocks = [e for e in events if isinstance(e, Block)]
     assert [b.round for b in blocks] == list(range(len(blocks)))
@@ -332,9 +334,9 @@ def test_the_checkpoints_generation_config_is_the_default(make_checkpoint):
         "eos_token_id": [1, 106], "pad_token_id": 0})
     model, tokenizer = load(path)
     assert model.generation_config.max_denoising_steps == 3 and model.generation_config.entropy_bound == 0.3
-    result = generate(model, tokenizer, [3, 4, 5, 6], seed=0)
+    result = batch_generate(model, tokenizer, [3, 4, 5, 6], seed=0)
     assert len(result.tokens[0]) <= 16 and all(s <= 3 for s in result.steps_per_block[0])
-    result = generate(model, tokenizer, [3, 4, 5, 6], seed=0, max_denoising_steps=1, max_new_tokens=8)
+    result = batch_generate(model, tokenizer, [3, 4, 5, 6], seed=0, max_denoising_steps=1, max_new_tokens=8)
     assert result.steps_per_block == [[1]]
 
 
@@ -377,7 +379,7 @@ def test_answers_leave_out_thinking_special_tokens_and_what_follows_eos(make_che
               ids("ignored!")]
     model = ScriptedModel(blocks + [ids("never..")])
     messages = [{"role": "user", "content": "hey"}]
-    result = generate(model, tokenizer, messages=messages, max_new_tokens=32, eos_token_id=[1, END_TURN],
+    result = batch_generate(model, tokenizer, messages=messages, max_new_tokens=32, eos_token_id=[1, END_TURN],
                       pad_token_id=0)
     assert result.texts == ["Hi"] and result.thinking == ["ok"]
     assert result.finish_reasons == ["stop"] and result.steps_per_block == [[2, 2]]
@@ -386,7 +388,7 @@ def test_answers_leave_out_thinking_special_tokens_and_what_follows_eos(make_che
     assert model.encoded[0] == [prompt] and prompt[-1] == END_CHANNEL  # the empty thought channel
 
     model = ScriptedModel([ids("Hi!") + [END_TURN] + ids("rest")])
-    result = generate(model, tokenizer, "hey", chat=True, enable_thinking=True, max_new_tokens=8,
+    result = batch_generate(model, tokenizer, "hey", chat=True, enable_thinking=True, max_new_tokens=8,
                       eos_token_id=[END_TURN], pad_token_id=0)
     assert result.text == "Hi!" and result.tokens == [ids("Hi!") + [END_TURN] + [0] * 4]
     assert model.encoded[0][0][-1] != END_CHANNEL
@@ -400,7 +402,7 @@ def test_prompt_forms_and_bad_arguments(make_checkpoint):
     with pytest.raises(TypeError, match="unexpected options"):
         generate(model, tokenizer, "hello", temperature=0.5)
     with pytest.raises(ValueError, match="use .texts"):
-        _ = generate(ScriptedModel([[10] * 8] * 2), tokenizer, [[1, 2], [3, 4]], max_new_tokens=8).text
+        _ = batch_generate(ScriptedModel([[10] * 8] * 2), tokenizer, [[1, 2], [3, 4]], max_new_tokens=8).text
 
 
 def test_step_time_benchmark_runs(tmp_path, capsys):
