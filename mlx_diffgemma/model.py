@@ -394,15 +394,19 @@ class Model(nn.Module):
         soft = _probabilities_times_embeddings(embedding, probs.astype(dtype))
         return soft * mx.array(math.sqrt(self.args.hidden_size), dtype=dtype)
 
+    def decoder_inputs(self, canvas: mx.array, soft_embeddings: Optional[mx.array] = None) -> mx.array:
+        """The first decoder layer's input [B, L, hidden]: the canvas embedding
+        plus the self-conditioning branch, RMS-normalised without a scale."""
+        x = self._embed(canvas)
+        if soft_embeddings is not None:
+            x = x + self.model.decoder.self_conditioning(soft_embeddings)
+        return mx.fast.rms_norm(x, None, self.args.rms_norm_eps)
+
     def hidden_states(self, canvas: mx.array, cache, soft_embeddings: Optional[mx.array] = None) -> mx.array:
         """The decoder's final-norm output [B, L, hidden] for ``canvas`` [B, L]
         after the cache (a list of layer caches or a ``BatchedContext``)."""
         decoder = self.model.decoder
-        x = self._embed(canvas)
-        if soft_embeddings is not None:
-            x = x + decoder.self_conditioning(soft_embeddings)
-        x = mx.fast.rms_norm(x, None, self.args.rms_norm_eps)
-
+        x = self.decoder_inputs(canvas, soft_embeddings)
         L = canvas.shape[1]
         if isinstance(cache, BatchedContext):
             layer_caches, offset = cache.layers, cache.offsets
