@@ -80,14 +80,33 @@ def bench(
     gen_tokens: int = typer.Option(512, "--gen-tokens", help="Tokens generated per run."),
     quant: str = typer.Option(None, "--quant", help="With --synthetic: mixed (default), 4, 8 or bf16."),
     trials: int = typer.Option(5, "--trials", help="Timed trials per engine, after one warm-up."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the prompts, the noise and the random weights."),
+    seed: int = typer.Option(None, "--seed", help="Seed of the prompts, the noise and the random weights (default 0); "
+                             "with --task sudoku, of the puzzles (default: one no training set uses)."),
     json_path: str = typer.Option(None, "--json", help="Also write the full results to this JSON file."),
     plot: str = typer.Option(None, "--plot", help="Also plot tok/s against steps per block (needs matplotlib)."),
     cpu_dequantize: CpuDequantizeOption = CpuDequantize.auto,
     batch: str = typer.Option(None, "--batch", help="Also sweep canvases per forward pass, e.g. 1,2,4,8: "
                               "total tok/s and latency per request."),
+    task: str = typer.Option(None, "--task", help="sudoku: solve rate, blank-cell accuracy and steps per block "
+                             "of a Sudoku checkpoint (default --model sudoku) on fresh puzzles, diffusion and "
+                             "autoregressive decoding side by side."),
+    puzzles: int = typer.Option(200, "--puzzles", min=1, help="With --task sudoku: how many puzzles."),
+    givens: str = typer.Option("45-50", "--givens", help="With --task sudoku: givens per puzzle, a range."),
 ):
     """Diffusion versus autoregressive decoding on this machine, side by side, against the roofline."""
+    if task is not None:
+        from .bench.sudoku import DEFAULT_SEED, SudokuOptions, main as sudoku_main, parse_givens
+
+        if task != "sudoku":
+            raise typer.BadParameter(f"the only task is sudoku, not {task!r}", param_hint="--task")
+        try:
+            given_range = parse_givens(givens)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--givens") from None
+        options = SudokuOptions(model or "sudoku", puzzles, given_range, DEFAULT_SEED if seed is None else seed,
+                                cpu_dequantize=cpu_dequantize.value)
+        raise typer.Exit(sudoku_main(options, json_path, plot))
+    seed = 0 if seed is None else seed
     from .bench.run import BenchError, Options, main as bench_main, parse_batches, parse_steps
 
     try:

@@ -25,6 +25,8 @@ from .loader import CheckpointError, load_model, read_config, resolve_model_path
 from .memory import InsufficientMemory, checkpoint_weight_bytes, device_budget, largest_context, parse_size, plan
 from .model import ModelArgs
 from .sampler import SamplerConfig
+from .sudoku import is_sudoku
+from .sudoku.puzzles import PuzzleError, format_grid, parse as parse_puzzle, warn_if_unsolved
 
 DEFAULT_MODEL = "mlx-community/diffusiongemma-26B-A4B-it-4bit"
 MODEL_ENV = "MLXDG_MODEL"
@@ -206,7 +208,7 @@ def reported(debug: bool):
         yield
     except (typer.Exit, typer.BadParameter):
         raise
-    except (CheckpointError, InsufficientMemory, ContextTooLong) as e:
+    except (CheckpointError, InsufficientMemory, ContextTooLong, PuzzleError) as e:
         if debug:
             raise
         error_line(str(e))
@@ -237,6 +239,10 @@ def generate_command(settings: Settings, prompt: Optional[str], prompt_file: Opt
         text = read_prompt(prompt, prompt_file)
         checkpoint = Checkpoint(settings)
         tokenizer = checkpoint.tokenizer
+        puzzle = None
+        if is_sudoku(checkpoint.config):
+            puzzle = parse_puzzle(text)
+            text = format_grid(puzzle)
         if no_chat_template or not tokenizer.has_chat_template:
             if settings.system:
                 raise typer.BadParameter("needs the chat template", param_hint="--system")
@@ -251,9 +257,12 @@ def generate_command(settings: Settings, prompt: Optional[str], prompt_file: Opt
             settings = replace(settings, verbose=False)
         elif settings.verbose:
             print("=" * 10)
-        view = make_view(tokenizer, checkpoint.sampler.max_denoising_steps, json_output, settings.no_live)
+        view = make_view(tokenizer, checkpoint.sampler.max_denoising_steps, json_output, settings.no_live,
+                         puzzle=puzzle)
         with SoftInterrupt() as interrupt:
             answer = run_answer(model, tokenizer, ids.tolist(), checkpoint.sampler, settings, view, interrupt)
+        if puzzle is not None and answer.finish_reason != "interrupted":
+            warn_if_unsolved(puzzle, answer.text)
         if json_output:
             typer.echo(json.dumps({"model": str(checkpoint.path), "seed": settings.seed, **answer.as_json()}))
         if answer.finish_reason == "interrupted":

@@ -124,11 +124,16 @@ class LiveView:
         self.previous = None
 
 
-def make_view(tokenizer, max_steps: int, json_output: bool = False, no_live: bool = False):
-    """The live view on a terminal that can redraw, unless turned off; plain text otherwise."""
+def make_view(tokenizer, max_steps: int, json_output: bool = False, no_live: bool = False, puzzle=None):
+    """The live view on a terminal that can redraw, unless turned off; plain text otherwise.
+    With a Sudoku ``puzzle`` the live view is its board."""
     if json_output:
         return QuietView()
     console = Console(highlight=False, soft_wrap=False)
     if no_live or not console.is_terminal or console.is_dumb_terminal:
         return PlainView()
+    if puzzle is not None:
+        from .sudoku.board import BoardView
+
+        return BoardView(console, tokenizer, puzzle, max_steps)
     return LiveView(console, tokenizer, max_steps)

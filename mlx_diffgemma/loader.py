@@ -14,6 +14,7 @@ from .cpu import prepare_weights
 from .memory import weight_bytes, wire_weights
 from .model import MODEL_TYPE, Model, ModelArgs
 from .sampler import SamplerConfig
+from .sudoku import BUILTIN_MODELS
 
 # What a checkpoint download needs: weights, configs, tokenizer and chat template.
 ALLOW_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
@@ -24,8 +25,11 @@ class CheckpointError(ValueError):
 
 
 def resolve_model_path(path_or_repo: str, revision: str = None) -> Path:
-    """A local directory as is; otherwise a Hugging Face repo id, from the local
-    cache when it is there and downloaded when not."""
+    """A built-in name (``sudoku``: the packaged model); a local directory as
+    is; otherwise a Hugging Face repo id, from the local cache when it is there
+    and downloaded when not."""
+    if path_or_repo in BUILTIN_MODELS:
+        return BUILTIN_MODELS[path_or_repo]
     path = Path(path_or_repo).expanduser()
     if path.exists():
         if not path.is_dir():

@@ -1,0 +1,229 @@
+"""Sudoku: the puzzle generator and checker, the model's checkpoint layout,
+`mlxdg generate` on a puzzle, the board view and `mlxdg bench --task sudoku`."""
+
+import io
+import json
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from mlx_diffgemma.cli import app
+from mlx_diffgemma.generate import Draft
+from mlx_diffgemma.sudoku import checkpoint as sudoku_checkpoint
+from mlx_diffgemma.sudoku.board import CELL_POSITIONS, BoardView
+from mlx_diffgemma.sudoku.puzzles import (CELLS, PuzzleError, conflicts, format_grid, is_solution, make_puzzle,
+                                          parse, puzzles, read_jsonl, solve, write_dataset)
+
+PUZZLE = ("530070000600195000098000060800060003400803001700020006060000280000419005000080079")
+SOLUTION = ("534678912672195348198342567859761423426853791713924856961537284287419635345286179")
+
+
+def test_solver_finds_the_unique_solution_and_counts_a_second():
+    assert solve(parse(PUZZLE)) == [parse(SOLUTION)]
+    # Blank a whole row of the solution's two digits: two ways to fill it.
+    grid = list(parse(SOLUTION))
+    a, b = grid.index(1), grid.index(2)  # first 1 and first 2 are in row 0
+    other = [i for i in range(CELLS) if i // 9 != 0 and grid[i] in (1, 2)]
+    assert len(solve(grid, 2)) == 1
+    for i in [a, b] + other:
+        grid[i] = 0
+    assert len(solve(grid, 2)) == 2
+
+
+@pytest.mark.parametrize("givens", [36, 46, 50])
+def test_puzzles_have_the_asked_givens_and_one_solution(givens):
+    puzzle, solution = make_puzzle(random.Random(givens), givens)
+    assert sum(1 for d in puzzle if d) == givens
+    assert is_solution(puzzle, solution)
+    assert solve(puzzle, 2) == [solution]
+
+
+def test_puzzles_are_reproducible_from_their_seed_and_differ_between_seeds():
+    first = list(puzzles(7, 5, (36, 46)))
+    assert first == list(puzzles(7, 5, (36, 46)))
+    assert first != list(puzzles(8, 5, (36, 46)))
+    assert all(36 <= p.givens <= 46 for p in first)
+    assert len({p.puzzle for p in first}) == 5
+
+
+def test_checker_rejects_broken_answers():
+    puzzle, solution = parse(PUZZLE), parse(SOLUTION)
+    assert is_solution(puzzle, solution)
+    swapped = list(solution)
+    swapped[2], swapped[3] = swapped[3], swapped[2]  # a row stays whole, two columns break
+    assert not is_solution(puzzle, swapped)
+    assert conflicts(swapped) == {"rows": 0, "columns": 2, "boxes": 2}
+    assert not is_solution(puzzle, solution[:80])
+    # A valid grid that changes a given is not this puzzle's solution.
+    relabelled = [10 - d for d in solution]
+    assert not is_solution(puzzle, relabelled) and is_solution([0] * CELLS, relabelled)
+
+
+def test_parse_reads_one_line_nine_lines_dots_and_spaces():
+    dotted = PUZZLE.replace("0", ".")
+    lines = "\n".join(" ".join(PUZZLE[r * 9:(r + 1) * 9]) for r in range(9))
+    assert parse(PUZZLE) == parse(dotted) == parse(lines) == parse(format_grid(parse(PUZZLE)))
+    with pytest.raises(PuzzleError, match="81 cells, this has 80"):
+        parse(PUZZLE[:80])
+    with pytest.raises(PuzzleError, match="not 'x'"):
+        parse(PUZZLE[:80] + "x")
+
+
+def test_dataset_is_trainer_jsonl_with_puzzle_prompts_and_solution_completions(tmp_path):
+    info = write_dataset(tmp_path, seed=3, train=4, valid=2, test=2, givens=(45, 50))
+    assert info == {"seed": 3, "givens": [45, 50], "train": 4, "valid": 2, "test": 2}
+    rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and set(rows[0]) == {"prompt", "completion"}
+    assert rows[0]["prompt"].count("\n") == 8 and len(rows[0]["completion"]) == 89
+    for item in read_jsonl(tmp_path / "train.jsonl"):
+        assert is_solution(item.puzzle, item.solution)
+    # Each split has its own seed: no puzzle is in two splits.
+    splits = [{p.puzzle for p in read_jsonl(tmp_path / f"{n}.jsonl")} for n in ("train", "valid", "test")]
+    assert not (splits[0] & splits[1] or splits[0] & splits[2] or splits[1] & splits[2])
+
+
+# ---------------------------------------------------------------- the checkpoint
+
+@pytest.fixture(scope="module")
+def init_checkpoint(tmp_path_factory):
+    # Two layers keep the fixture fast; the layout is the packaged model's.
+    return sudoku_checkpoint.write_init(tmp_path_factory.mktemp("sudoku") / "init", seed=0, num_hidden_layers=2,
+                                        layer_types=["sliding_attention", "full_attention"])
+
+
+def test_init_checkpoint_loads_in_transformers_and_here_with_the_same_tokens(init_checkpoint):
+    import torch
+    from mlx_lm.utils import load_tokenizer
+    from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
+
+    import mlx_diffgemma  # noqa: F401  (OpenBLAS before MLX)
+    import mlx.core as mx
+    from mlx_diffgemma import load
+
+    config = json.loads((init_checkpoint / "config.json").read_text())
+    assert config["model_type"] == "diffusion_gemma" and config["mlxdg_task"] == "sudoku"
+    assert config["canvas_length"] == 90
+    reference = DiffusionGemmaForBlockDiffusion.from_pretrained(init_checkpoint).eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(init_checkpoint)
+    tokenizer = load_tokenizer(init_checkpoint)
+    messages = [{"role": "user", "content": format_grid(parse(PUZZLE))}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    assert ids == hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    assert sudoku_checkpoint.VOCAB.index("<unk>") not in ids
+    answer = hf_tokenizer.encode(format_grid(parse(SOLUTION)), add_special_tokens=False)
+    assert len(answer) + 1 == config["canvas_length"]  # the digits, the newlines and EOS fill the canvas
+    assert tokenizer.decode(answer) == format_grid(parse(SOLUTION))
+
+    model, _ = load(init_checkpoint)
+    canvas = answer + [sudoku_checkpoint.EOS]
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor([ids]), decoder_input_ids=torch.tensor([canvas])).logits
+    cache = model.make_cache()
+    model.encode(mx.array([ids]), cache)
+    logits = model.denoise(mx.array([canvas]), cache)
+    np.testing.assert_allclose(np.array(logits), expected.numpy(), atol=1e-4)
+
+
+def test_export_writes_trained_weights_back_in_the_init_layout(init_checkpoint, tmp_path):
+    from mlx.utils import tree_flatten
+    from safetensors.numpy import load_file
+
+    import mlx_diffgemma  # noqa: F401
+    from mlx_diffgemma import load
+
+    model, _ = load(init_checkpoint)
+    weights = {k: np.array(v) + 1.0 for k, v in tree_flatten(model.parameters())}
+    out = sudoku_checkpoint.export(init_checkpoint, weights, tmp_path / "trained")
+    before, after = load_file(str(init_checkpoint / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert before.keys() == after.keys()
+    key = "model.decoder.layers.0.experts.gate_up_proj"
+    np.testing.assert_array_equal(after[key], before[key] + 1.0)
+    vision = [k for k in before if "vision" in k]
+    assert vision and all(np.array_equal(before[k], after[k]) for k in vision)
+    reloaded, _ = load(out)
+    np.testing.assert_array_equal(np.array(reloaded.model.decoder.norm.weight),
+                                  np.array(model.model.decoder.norm.weight) + 1.0)
+    with pytest.raises(ValueError, match="not in"):
+        sudoku_checkpoint.export(init_checkpoint, {"model.decoder.nonsense": np.zeros(1)}, tmp_path / "bad")
+
+
+def test_generate_reads_a_puzzle_and_refuses_a_bad_one_in_one_line(init_checkpoint):
+    runner = CliRunner()
+    bad = runner.invoke(app, ["generate", "--model", str(init_checkpoint), PUZZLE[:80]])
+    assert bad.exit_code == 1
+    assert bad.output.strip() == "mlxdg: a Sudoku puzzle has 81 cells, this has 80"
+    # The random init answers with something; the command says it is no solution.
+    ran = runner.invoke(app, ["generate", "--model", str(init_checkpoint), "--seed", "0", "--steps", "2",
+                              PUZZLE.replace("0", ".")])
+    assert ran.exit_code == 0, ran.output
+    assert "mlxdg: the answer is not a solution" in ran.output
+
+
+def test_board_view_draws_givens_settled_and_noisy_cells():
+    from mlx_lm.utils import load_tokenizer  # noqa: F401
+
+    class Tokens:
+        def get_vocab(self):
+            return {str(d): 10 + d for d in range(10)}
+
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=80, color_system="truecolor")
+    puzzle = parse(PUZZLE)
+    view = BoardView(console, Tokens(), puzzle, max_steps=4)
+    canvas = np.full((1, 90), 3)  # not a digit anywhere: every blank shows as a dot
+    first = Draft(block=0, step=1, rows=(0,), row_blocks=(0,), canvas=canvas, accepted=np.array([1]),
+                  stopped=np.array([False]))
+    board = view.board(canvas[0], np.zeros(90, bool))
+    assert board.plain.count("\u00b7") == CELLS - sum(1 for d in puzzle if d)
+    view.draft(first)
+    second = canvas.copy()
+    second[0, CELL_POSITIONS[2]] = 10 + 4  # the first blank becomes a 4 ...
+    view.draft(Draft(0, 2, (0,), (0,), second, np.array([2]), np.array([False])))
+    # ... a change, so it is drawn noisy; the unchanged blanks are settled.
+    styles = {span.style for span in view.board(second[0], second[0] == canvas[0]).spans}
+    assert {"bold cyan", "bold", "dim yellow"} <= styles
+    view.block(format_grid(parse(SOLUTION)), "")
+    view.close()
+    assert "step 2/4" in out.getvalue()
+
+
+def test_bench_task_sudoku_reports_both_decodings(init_checkpoint, tmp_path):
+    result_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"
+    ran = CliRunner().invoke(app, ["bench", "--task", "sudoku", "--model", str(init_checkpoint), "--puzzles", "2",
+                                   "--json", str(result_path), "--plot", str(plot_path)])
+    assert ran.exit_code == 0, ran.output
+    result = json.loads(result_path.read_text())
+    assert result["schema"] == "mlxdg-bench-sudoku/1" and plot_path.stat().st_size > 0
+    assert set(result["engines"]) == {"diffusion", "autoregressive"}
+    diffusion = result["engines"]["diffusion"]
+    assert len(diffusion["runs"]) == 2 and diffusion["summary"]["puzzles"] == 2
+    assert sum(diffusion["summary"]["steps_per_block_distribution"].values()) == 2
+    assert "autoregressive" in ran.output and "diffusion" in ran.output
+    bad = CliRunner().invoke(app, ["bench", "--task", "sudoku", "--givens", "50-45"])
+    assert bad.exit_code == 2
+
+
+def test_generate_on_a_sudoku_checkpoint_runs_without_torch(init_checkpoint, tmp_path):
+    """With every installed package but torch visible (python -S, links to the rest): torch is not needed."""
+    import site
+    from pathlib import Path
+
+    visible = tmp_path / "site-packages"
+    visible.mkdir()
+    for directory in site.getsitepackages():
+        for entry in Path(directory).iterdir():
+            hidden = entry.name.startswith(("torch", "functorch")) or entry.suffix == ".pth"
+            if not hidden and not (visible / entry.name).exists():
+                (visible / entry.name).symlink_to(entry)
+    root = Path(__file__).resolve().parents[1]
+    code = (f"import sys; sys.path[:0] = [{str(visible)!r}, {str(root)!r}]\n"
+            "try:\n    import torch\nexcept ImportError:\n    pass\nelse:\n    raise SystemExit('torch is visible')\n"
+            "from typer.testing import CliRunner\nfrom mlx_diffgemma.cli import app\n"
+            f"r = CliRunner().invoke(app, ['generate', '--model', {str(init_checkpoint)!r}, '--steps', '1', {PUZZLE!r}])\n"
+            "assert r.exit_code == 0, r.output\n")
+    subprocess.run([sys.executable, "-S", "-c", code], check=True, cwd=tmp_path)
