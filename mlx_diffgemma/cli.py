@@ -12,6 +12,7 @@ from . import __version__, blas
 from .chat import chat_command
 from .commands import DEFAULT_MODEL, MODEL_ENV, Settings, batch_command, generate_command, memory_limit_option
 from .cpu import CPU_DEQUANTIZE_MODES
+from .sudoku.cli import app as sudoku_app
 
 app = typer.Typer(
     name="mlxdg",
@@ -32,6 +33,9 @@ CpuDequantizeOption = Annotated[CpuDequantize, typer.Option(
     "backend, as many as fit in memory), always, or never (keep MLX's quantized kernels, much "
     "slower on the CPU).",
 )]
+
+
+app.add_typer(sudoku_app, name="sudoku")
 
 
 @app.callback()
@@ -95,7 +99,8 @@ def bench(
 ):
     """Diffusion versus autoregressive decoding on this machine, side by side, against the roofline."""
     if task is not None:
-        from .bench.sudoku import DEFAULT_SEED, SudokuOptions, main as sudoku_main, parse_givens
+        from .bench.sudoku import DEFAULT_SEED, SudokuOptions, main as sudoku_main
+        from .sudoku.puzzles import parse_givens
 
         if task != "sudoku":
             raise typer.BadParameter(f"the only task is sudoku, not {task!r}", param_hint="--task")

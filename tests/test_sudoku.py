@@ -176,7 +176,7 @@ def test_board_view_draws_givens_settled_and_noisy_cells():
     puzzle = parse(PUZZLE)
     view = BoardView(console, Tokens(), puzzle, max_steps=4)
     canvas = np.full((1, 90), 3)  # not a digit anywhere: every blank shows as a dot
-    first = Draft(block=0, step=1, rows=(0,), row_blocks=(0,), canvas=canvas, accepted=np.array([1]),
+    first = Draft(round=0, step=1, rows=(0,), row_blocks=(0,), canvas=canvas, accepted=np.array([1]),
                   stopped=np.array([False]))
     board = view.board(canvas[0], np.zeros(90, bool))
     assert board.plain.count("\u00b7") == CELLS - sum(1 for d in puzzle if d)

@@ -177,6 +177,19 @@ def read_answer(text: str) -> Optional[Grid]:
 
 # ---------------------------------------------------------------- data sets
 
+def parse_givens(text: str) -> Tuple[int, int]:
+    """``45-50`` (or one number) as an inclusive range of givens."""
+    low, _, high = text.partition("-")
+    try:
+        givens = (int(low), int(high or low))
+    except ValueError:
+        raise ValueError(f"--givens takes a range such as 45-50, not {text!r}") from None
+    if not 17 <= givens[0] <= givens[1] <= CELLS:
+        raise ValueError(f"--givens must lie within 17-81, low first; got {text!r}")
+    return givens
+
+
+
 @dataclass(frozen=True)
 class Puzzle:
     puzzle: Grid
