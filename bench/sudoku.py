@@ -19,7 +19,7 @@ import numpy as np
 from mlx_lm.generate import generate_step
 
 from mlx_diffgemma.bench.engines import EncoderLM
-from mlx_diffgemma.generate import Block, stream_generate
+from mlx_diffgemma.generate import Block, stream_blocks
 from mlx_diffgemma.sudoku.puzzles import CELLS, Puzzle, conflicts, format_grid, is_solution, puzzles, read_answer
 
 SCHEMA = "mlxdg-bench-sudoku/1"
@@ -54,7 +54,7 @@ def score(puzzle: Puzzle, text: str) -> dict:
 def solve_diffusion(model, tokenizer, prompt: List[int], seed: int) -> dict:
     steps, text = [], ""
     start = time.perf_counter()
-    for event in stream_generate(model, tokenizer, prompt, seed=seed):
+    for event in stream_blocks(model, tokenizer, prompt, seed=seed):
         if isinstance(event, Block):
             steps.append(int(event.steps[0]))
             text += event.texts[0]
