@@ -38,7 +38,7 @@ CANVAS_LENGTH = 90  # 9 rows of 9 digits, 8 newlines, end of sequence
 
 # The architecture (see the README's Sudoku section for how it was chosen).
 TEXT_CONFIG = dict(
-    vocab_size=len(VOCAB), hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
+    vocab_size=len(VOCAB), hidden_size=128, intermediate_size=128, moe_intermediate_size=64,
     num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
     global_head_dim=64, num_global_key_value_heads=1, num_experts=4, top_k_experts=2,
     # Wider than prompt + canvas, so the sliding layers see the whole puzzle.
