@@ -20,6 +20,8 @@ from .commands import (CommandAnswer, Checkpoint, ContextTooLong, Settings, Soft
 from .generate import prompt_ids, resolve_config
 from .live import make_view
 from .memory import InsufficientMemory
+from .sudoku import is_sudoku
+from .sudoku.puzzles import PuzzleError, format_grid, parse as parse_puzzle
 
 # Stands for a model answer when the template renders a conversation, to find where the answer ends.
 _ANSWER = "MLXDG-ANSWER-MARKER"
@@ -56,6 +58,8 @@ class ChatSession:
     def ask(self, message: str, view, interrupt: SoftInterrupt) -> CommandAnswer:
         """Answer ``message``. Raises ContextTooLong or InsufficientMemory,
         leaving the conversation as it was, when the turn cannot fit."""
+        if is_sudoku(self.checkpoint.config):
+            message = format_grid(parse_puzzle(message))  # one line of 81 cells, as the model reads them
         if self.cache is None:
             self.cache = self.model.make_cache()
         turn = self.turn_tokens(message)
@@ -103,7 +107,7 @@ def repl(session: ChatSession, make_view: Callable[[], object]) -> None:
         try:
             with SoftInterrupt() as interrupt:
                 answer = session.ask(message, make_view(), interrupt)
-        except (ContextTooLong, InsufficientMemory) as e:
+        except (ContextTooLong, InsufficientMemory, PuzzleError) as e:
             error_line(str(e))
             continue
         if answer.finish_reason == "interrupted":
