@@ -394,6 +394,17 @@ class Model(nn.Module):
         soft = _probabilities_times_embeddings(embedding, probs.astype(dtype))
         return soft * mx.array(math.sqrt(self.args.hidden_size), dtype=dtype)
 
+    def top_k_soft_embeddings(self, ids: mx.array, weights: mx.array) -> mx.array:
+        """The fast path's self-conditioning input [B, L, hidden]: the embedding
+        rows of each position's ``ids`` [B, L, K] weighted by ``weights`` [B, L, K]
+        (their probabilities renormalised over the K, as ``sampler.one_pass``
+        gives them), scaled as the embedding is. K rows a position instead of the
+        whole vocabulary: with K = vocab this is ``soft_embeddings``."""
+        dtype = self.dtype
+        rows = self.model.decoder.embed_tokens(ids)  # [B, L, K, hidden]; a quantized table dequantizes the rows
+        soft = (weights.astype(dtype)[..., None, :] @ rows.astype(dtype)).squeeze(-2)
+        return soft * mx.array(math.sqrt(self.args.hidden_size), dtype=dtype)
+
     def decoder_inputs(self, canvas: mx.array, soft_embeddings: Optional[mx.array] = None) -> mx.array:
         """The first decoder layer's input [B, L, hidden]: the canvas embedding
         plus the self-conditioning branch, RMS-normalised without a scale."""

@@ -11,6 +11,7 @@ entropy is below ``confidence_threshold``; the argmax is what gets committed.
 
 import json
 from dataclasses import dataclass, fields, replace
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Dict, Optional, Protocol, Sequence, Tuple
 
@@ -145,6 +146,109 @@ def decide(
     return canvas, accepted.sum(axis=-1), stable & confident, history
 
 
+# Tokens whose probabilities feed the fast path's self-conditioning input.
+DEFAULT_SELF_CONDITIONING_TOP_K = 32
+
+
+def vocabulary_chunk(vocab_size: int) -> int:
+    """The chunk length of the fast path's two-level passes over the vocabulary:
+    the power of two nearest below sqrt(vocab) that divides it (512 for 262,144)."""
+    chunk = 1 << max(0, (vocab_size.bit_length() - 1) // 2)
+    while vocab_size % chunk:
+        chunk //= 2
+    return chunk
+
+
+@mx.compile
+def _exponentials(logits: mx.array, top: mx.array, inverse_temperature: mx.array) -> Tuple[mx.array, mx.array]:
+    # One fused pass: exp of the centred processed logits and its product with them (for the entropy).
+    centred = (logits - top) * inverse_temperature
+    e = mx.exp(centred)
+    return e, e * centred
+
+
+def _first_reaching(cumulative: mx.array, target: mx.array) -> mx.array:
+    """Per row, the first index whose (inclusive) cumulative sum exceeds ``target``,
+    so zero-probability entries are never picked; clipped to the last index."""
+    count = (cumulative <= target[..., None]).sum(axis=-1)
+    return mx.minimum(count, cumulative.shape[-1] - 1).astype(mx.uint32)
+
+
+def _one_pass(logits, inverse_temperature, uniform, top_k: int, chunk: int, dtype):
+    B, L, V = logits.shape
+    n = V // chunk
+    blocks = logits.reshape(B, L, n, chunk)
+    chunk_max = blocks.max(axis=-1)  # [B, L, n]: the centring, the argmax and the top-K all start here
+    best = mx.argmax(chunk_max, axis=-1, keepdims=True)
+    top = mx.take_along_axis(chunk_max, best, axis=-1)  # [B, L, 1]
+    within = mx.argmax(mx.take_along_axis(blocks, best[..., None], axis=2).squeeze(2), axis=-1)
+    argmax = best.squeeze(-1).astype(mx.uint32) * chunk + within.astype(mx.uint32)
+
+    e, ez = _exponentials(blocks, top[..., None], inverse_temperature)
+    chunk_sum = e.sum(axis=-1)
+    total = chunk_sum.sum(axis=-1)
+    entropy = mx.log(total) - ez.sum(axis=(-2, -1)) / total
+
+    # Inverse CDF in two levels: the chunk the uniform falls in, then the token inside it.
+    target = uniform * total
+    cumulative = mx.cumsum(chunk_sum, axis=-1)
+    j = _first_reaching(cumulative, target)
+    before = mx.take_along_axis(cumulative - chunk_sum, j[..., None], axis=-1).squeeze(-1)
+    inside = mx.take_along_axis(e, j[..., None, None], axis=2).squeeze(2)
+    k = _first_reaching(before[..., None] + mx.cumsum(inside, axis=-1), target)
+    proposal = j * chunk + k
+
+    # The K largest logits lie in the K chunks with the largest maxima.
+    kc = min(top_k, n)
+    chunks = mx.argpartition(-chunk_max, kth=kc - 1, axis=-1)[..., :kc]
+    candidates = mx.take_along_axis(blocks, chunks[..., None], axis=2).reshape(B, L, kc * chunk)
+    pick = mx.argpartition(-candidates, kth=top_k - 1, axis=-1)[..., :top_k]
+    ids = (chunks[..., None].astype(mx.uint32) * chunk + mx.arange(chunk, dtype=mx.uint32)).reshape(B, L, -1)
+    ids = mx.take_along_axis(ids, pick, axis=-1)
+    # As the reference's self-conditioning: processed logits rounded to the embedding dtype, fp32 softmax.
+    values = (mx.take_along_axis(candidates, pick, axis=-1) * inverse_temperature).astype(dtype)
+    weights = mx.softmax(values.astype(mx.float32), axis=-1)
+    return entropy, argmax, proposal, ids, weights
+
+
+@lru_cache(maxsize=None)
+def _compiled_one_pass(top_k: int, chunk: int, dtype: mx.Dtype):
+    return mx.compile(partial(_one_pass, top_k=top_k, chunk=chunk, dtype=dtype))
+
+
+@dataclass(frozen=True)
+class OnePass:
+    """What the fast path needs from one step's logits [B, L, V]."""
+
+    entropy: mx.array  # [B, L] nats of softmax(logits / temperature)
+    argmax: mx.array  # [B, L]
+    proposal: mx.array  # [B, L] drawn from softmax(logits / temperature) by the uniforms
+    top_ids: mx.array  # [B, L, K] the K most likely tokens (in no order)
+    top_weights: mx.array  # [B, L, K] their probabilities renormalised over the K
+
+
+def one_pass(logits: mx.array, temperature: float, uniform: mx.array, top_k: int = DEFAULT_SELF_CONDITIONING_TOP_K,
+             dtype: mx.Dtype = mx.float32) -> OnePass:
+    """The fast path's sampler in one compiled graph over the logits: tempering,
+    log-normaliser, entropy, argmax, the proposal and the top-K self-conditioning
+    weights, without a second softmax, without materialising the processed
+    logits and without a host round trip.
+
+    The vocabulary is read in chunks (``vocabulary_chunk``): the per-chunk maxima
+    give the centring, the argmax and the candidates for the top K; one fused
+    exponential pass gives the normaliser and the entropy; the proposal is an
+    inverse-CDF draw of one ``uniform`` [B, L] per position, chunk first, then
+    token, which samples the same distribution as the reference's categorical
+    draw from far fewer random numbers (one per position, not one per token).
+    ``dtype`` is the embedding dtype the reference rounds the self-conditioning
+    logits to.
+    """
+    V = logits.shape[-1]
+    inverse = mx.array(1.0 / float(temperature), dtype=mx.float32)
+    run = _compiled_one_pass(min(top_k, V), vocabulary_chunk(V), dtype)
+    return OnePass(*run(logits, inverse, uniform.astype(mx.float32)))
+
+
 def empty_history(config: SamplerConfig, batch: int, length: int) -> mx.array:
     return mx.full((config.stability_threshold, batch, length), -1, dtype=mx.int32)
 
@@ -166,6 +270,11 @@ class NoiseSource(Protocol):
     def proposal(self, logits: mx.array, rows: Sequence[int], *, block: int, step: int) -> mx.array:
         """One token id per position [len(rows), length], drawn from softmax(logits)."""
 
+    # The fast path (``one_pass``) draws its proposals from this instead of
+    # ``proposal``; a source without it gets ``proposal`` on the fast path too.
+    def uniform(self, rows: Sequence[int], length: int, *, block: int, step: int) -> mx.array:
+        """One float32 in [0, 1) per position [len(rows), length]."""
+
 
 class MLXNoise:
     """MLX's random numbers: a private key chain from ``seed``, or MLX's global
@@ -185,3 +294,6 @@ class MLXNoise:
 
     def proposal(self, logits, rows, *, block, step):
         return mx.random.categorical(logits, key=self._next_key())
+
+    def uniform(self, rows, length, *, block, step):
+        return mx.random.uniform(shape=(len(rows), length), key=self._next_key())
