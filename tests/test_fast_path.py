@@ -109,3 +109,33 @@ def test_uniform_draws_are_seeded():
     b = MLXNoise(seed=1).uniform([0, 1], 8, block=0, step=1)
     assert a.shape == (2, 8) and a.dtype == mx.float32 and mx.array_equal(a, b)
     assert float(a.min()) >= 0 and float(a.max()) < 1
+
+
+def test_experts_grouped_by_expert_give_the_gathered_result(monkeypatch):
+    from mlx_diffgemma.model import Experts
+
+    args = synthetic_args("tiny")
+    experts = Experts(args)
+    mx.random.seed(0)
+    experts.update({name: {"weight": mx.random.normal(getattr(experts, name).weight.shape) * 0.1}
+                    for name in ("gate_up_proj", "down_proj")})
+    x = mx.random.normal((2, 40, args.hidden_size))
+    indices = mx.random.randint(0, args.num_experts, (2, 40, args.top_k_experts)).astype(mx.uint32)
+    weights = mx.softmax(mx.random.normal(indices.shape), axis=-1)
+    grouped = experts(x, indices, weights)
+    monkeypatch.setattr(Experts, "_grouped", lambda self, x, indices: None)
+    gathered = experts(x, indices, weights)
+    np.testing.assert_allclose(np.array(grouped), np.array(gathered), atol=1e-5)
+
+
+def test_experts_inside_compile_take_the_gathered_path():
+    from mlx_diffgemma.model import Experts
+
+    args = synthetic_args("tiny")
+    experts = Experts(args)
+    x = mx.random.normal((1, 40, args.hidden_size))
+    indices = mx.random.randint(0, args.num_experts, (1, 40, args.top_k_experts)).astype(mx.uint32)
+    weights = mx.ones(indices.shape) / args.top_k_experts
+    compiled = mx.compile(lambda x, i, w: experts(x, i, w))
+    np.testing.assert_allclose(np.array(compiled(x, indices, weights)), np.array(experts(x, indices, weights)),
+                               atol=1e-5)
