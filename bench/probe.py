@@ -55,7 +55,8 @@ def _device_name() -> str:
                                   text=True, timeout=5).stdout.strip() or name
         except OSError:
             pass
-    return f"{name} ({mx.default_device()})"
+    # "Device(cpu, 0)" says little in a title: name the kind of device instead.
+    return f"{name} ({'GPU' if mx.default_device().type == mx.gpu else 'CPU'})"
 
 
 def _package_version(name: str) -> str:

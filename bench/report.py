@@ -5,7 +5,7 @@ measured or computed anew, so the tables, the JSON and the plot always agree.
 """
 
 import json
-from typing import Optional
+from typing import List, Optional
 
 from rich.console import Console
 from rich.markup import escape
@@ -107,15 +107,24 @@ def _labels(result: dict) -> dict:
     return {e["name"]: e["label"] for e in result["engines"]}
 
 
-def _ratios_table(result: dict) -> Table:
-    table = _table("Diffusion / AR, trial by trial (>1: diffusion higher)",
-                   ["diffusion", "versus", "decode tok/s", "end-to-end tok/s", "first output time", "peak memory"])
+# Ratios whose reading differs: for rates more is better, for times and memory less is.
+RATIO_TABLES = (
+    ("Diffusion / AR throughput, trial by trial: higher is better (>1: diffusion faster)",
+     (("decode tok/s", "decode_tokens_per_second"), ("end-to-end tok/s", "end_to_end_tokens_per_second"))),
+    ("Diffusion / AR time and memory, trial by trial: lower is better (<1: diffusion sooner or smaller)",
+     (("first output time", "first_output_seconds"), ("peak memory", "peak_memory_bytes"))),
+)
+
+
+def _ratios_tables(result: dict) -> List[Table]:
     labels = _labels(result)
-    for r in result["ratios"]:
-        table.add_row(labels[r["diffusion"]], labels[r["ar"]], _ranged(r["decode_tokens_per_second"]),
-                      _ranged(r["end_to_end_tokens_per_second"]), _ranged(r["first_output_seconds"]),
-                      _ranged(r["peak_memory_bytes"]))
-    return table
+    tables = []
+    for title, columns in RATIO_TABLES:
+        table = _table(title, ["diffusion", "versus"] + [name for name, _ in columns])
+        for r in result["ratios"]:
+            table.add_row(labels[r["diffusion"]], labels[r["ar"]], *(_ranged(r[key]) for _, key in columns))
+        tables.append(table)
+    return tables
 
 
 def _roofline_table(result: dict) -> Table:
@@ -170,7 +179,8 @@ def print_report(result: dict, console: Console) -> None:
     _header(result, console)
     console.print(_speed_table(result))
     console.print(_efficiency_table(result))
-    console.print(_ratios_table(result))
+    for table in _ratios_tables(result):
+        console.print(table)
     console.print(_roofline_table(result))
     console.print(_crossover_line(result), highlight=False)
     console.print(_answers_table(result))
@@ -199,7 +209,8 @@ def _plot_batch_sweep(ax, sweep: dict) -> None:
     latency.plot(canvases, [r["request_latency_s"] for r in records], "s--", color="C1", label="latency per request")
     latency.set(ylabel="seconds per request", ylim=(0, None))
     lines = ax.get_lines() + latency.get_lines()
-    ax.legend(lines, [line.get_label() for line in lines], fontsize="small", loc="upper left")
+    ax.legend(lines, [line.get_label() for line in lines], fontsize="small", loc="upper center",
+              bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
 
 
 def write_plot(result: dict, path: str) -> str:
@@ -223,7 +234,7 @@ def write_plot(result: dict, path: str) -> str:
               + [stat["median"] for stat in measured.values() if stat])
 
     sweep = result.get("batch_sweep")
-    fig, axes = plt.subplots(1, 2 if sweep else 1, figsize=(13 if sweep else 8, 5), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if sweep else 1, figsize=(13 if sweep else 8, 6.5), squeeze=False)
     ax = axes[0][0]
     tps = [e["summary"]["decode_tokens_per_second"] for e in fixed]
     ax.errorbar([e["steps"] for e in fixed], [t["median"] for t in tps],
@@ -243,9 +254,12 @@ def write_plot(result: dict, path: str) -> str:
         ax.axvline(measured[e["name"]]["median"], linestyle=":", color=f"C{color}")
     ax.set(xlabel="denoising steps per block", ylabel="decode tokens/s", yscale="log",
            title=f"{result['model']['source']} on {result['machine']['device']}")
-    for axis_format in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-        axis_format(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.legend(fontsize="small")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    # Minor ticks get labels only where the axis spans little more than a decade, and then only a
+    # few of them (2, 3, 5): every minor tick labelled piles the labels onto each other.
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(1.5, 0.6)))
+    # Below the axes, so that it never hides a curve.
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     if sweep:
         _plot_batch_sweep(axes[0][1], sweep)
     fig.tight_layout()

@@ -48,14 +48,24 @@ class Options:
     ar_model: Optional[str] = None
     synthetic: Optional[str] = None
     layers: Optional[int] = None
-    steps: Sequence[int] = (4, 8, 16, 32, 48)
-    prompt_tokens: int = 512
-    gen_tokens: int = 512
+    steps: Optional[Sequence[int]] = None  # None: the defaults below
+    prompt_tokens: Optional[int] = None
+    gen_tokens: Optional[int] = None
     quant: Optional[str] = None
-    trials: int = 5
+    trials: Optional[int] = None
     seed: int = 0
     cpu_dequantize: str = "auto"
     batches: Sequence[int] = ()  # canvases per forward pass to sweep; empty: no batch sweep
+
+
+# What a run measures unless told otherwise. `--synthetic tiny` is a smoke run: its defaults take seconds.
+DEFAULTS = {"steps": (4, 8, 16, 32, 48), "prompt_tokens": 512, "gen_tokens": 512, "trials": 5}
+SMOKE_DEFAULTS = {"steps": (4, 8), "prompt_tokens": 32, "gen_tokens": 64, "trials": 2}
+
+
+def with_defaults(opts: Options) -> Options:
+    defaults = SMOKE_DEFAULTS if opts.synthetic == "tiny" else DEFAULTS
+    return replace(opts, **{k: v for k, v in defaults.items() if getattr(opts, k) is None})
 
 
 def parse_batches(text: str) -> List[int]:
@@ -402,6 +412,7 @@ def analyse(engines: List[Engine], records: List[dict], distinct_counts: dict, m
 
 
 def run(opts: Options, progress: Callable[[str], None]) -> dict:
+    opts = with_defaults(opts)
     check(opts)
     progress("building models" if opts.synthetic else "loading models")
     models = build_models(opts)

@@ -79,11 +79,13 @@ def bench(
                                  "id); without it, --synthetic runs mlx-lm's Gemma 4 on the diffusion weights."),
     synthetic: str = typer.Option(None, "--synthetic", help="Random weights, no download: tiny, small or 26b-a4b."),
     layers: int = typer.Option(None, "--layers", help="With --synthetic: this many layers (26b-a4b has 30)."),
-    steps: str = typer.Option("4,8,16,32,48", "--steps", help="Fixed denoising steps per block to sweep."),
-    prompt_tokens: int = typer.Option(512, "--prompt-tokens", help="Random prompt length."),
-    gen_tokens: int = typer.Option(512, "--gen-tokens", help="Tokens generated per run."),
+    steps: str = typer.Option(None, "--steps", help="Fixed denoising steps per block to sweep (default "
+                              "4,8,16,32,48; with --synthetic tiny, a smoke run, 4,8)."),
+    prompt_tokens: int = typer.Option(None, "--prompt-tokens", help="Random prompt length (default 512; tiny 32)."),
+    gen_tokens: int = typer.Option(None, "--gen-tokens", help="Tokens generated per run (default 512; tiny 64)."),
     quant: str = typer.Option(None, "--quant", help="With --synthetic: mixed (default), 4, 8 or bf16."),
-    trials: int = typer.Option(5, "--trials", help="Timed trials per engine, after one warm-up."),
+    trials: int = typer.Option(None, "--trials", help="Timed trials per engine, after one warm-up (default 5; "
+                               "tiny 2)."),
     seed: int = typer.Option(None, "--seed", help="Seed of the prompts, the noise and the random weights (default 0); "
                              "with --task sudoku, of the puzzles (default: one no training set uses)."),
     json_path: str = typer.Option(None, "--json", help="Also write the full results to this JSON file."),
@@ -115,7 +117,7 @@ def bench(
     from .bench.run import BenchError, Options, main as bench_main, parse_batches, parse_steps
 
     try:
-        step_counts = parse_steps(steps)
+        step_counts = parse_steps(steps) if steps else None
         batches = parse_batches(batch) if batch else ()
     except BenchError as e:
         raise typer.BadParameter(str(e), param_hint="--steps/--batch") from None
