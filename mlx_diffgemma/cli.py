@@ -23,6 +23,7 @@ app = typer.Typer(
 
 
 CpuDequantize = Enum("CpuDequantize", {mode: mode for mode in CPU_DEQUANTIZE_MODES}, type=str)
+CanvasChoice = Enum("CanvasChoice", {mode: mode for mode in ("full", "auto")}, type=str)
 
 
 # For every command that loads a model: ``cpu_dequantize: CpuDequantizeOption = CpuDequantize.auto``,
@@ -150,6 +151,15 @@ SETTINGS_OPTIONS = {
     "memory_limit": Annotated[Optional[str], typer.Option(
         "--memory-limit", callback=memory_limit_option,
         help="Memory to plan for, e.g. 24GB (default: what the device offers).")],
+    "exact": Annotated[bool, typer.Option(
+        "--exact/--fast", help="--exact (default): the reference path, token for token transformers' with the same "
+        "draws. --fast: one pass over the logits and self-conditioning from the top tokens of each position.")],
+    "sc_top_k": Annotated[Optional[int], typer.Option(
+        "--sc-top-k", min=1, help="With --fast: tokens a position whose probabilities feed self-conditioning "
+        "(default 32).")],
+    "canvas": Annotated[CanvasChoice, typer.Option(
+        "--canvas", help="full (default): always the model's whole canvas; auto: a quarter or half canvas when "
+        "fewer tokens remain under --max-tokens (a different computation from the reference's).")],
     "debug": Annotated[bool, typer.Option("--debug", help="Show tracebacks.")],
 }
 
@@ -165,6 +175,7 @@ def with_settings(command):
     def run(**options):
         values = {name: options.pop(name) for name in SETTINGS_OPTIONS}
         values["cpu_dequantize"] = CpuDequantize(values["cpu_dequantize"]).value
+        values["canvas"] = CanvasChoice(values["canvas"]).value
         return command(settings=Settings(**values), **options)
 
     run.__signature__ = inspect.Signature(own + shared)

@@ -53,11 +53,19 @@ class Settings:
     no_live: bool = False
     cpu_dequantize: str = "auto"
     memory_limit: Optional[str] = None
+    exact: bool = True
+    sc_top_k: Optional[int] = None
+    canvas: str = "full"
     debug: bool = False
 
     @property
     def model_ref(self) -> str:
         return self.model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+
+    @property
+    def path(self) -> dict:
+        """The engine's path options, as ``stream_generate`` takes them."""
+        return {"exact": self.exact, "top_k": self.sc_top_k, "canvas": self.canvas}
 
 
 def memory_limit_option(value: Optional[str]) -> Optional[str]:
@@ -173,7 +181,7 @@ def run_answer(model, tokenizer, prompt: List[int], sampler: SamplerConfig, sett
     """Generate one answer to ``prompt`` (token ids), showing it on ``view``."""
     answer = CommandAnswer()
     events = stream_blocks(model, tokenizer, prompt, config=sampler, seed=settings.seed, cache=cache,
-                             memory_limit=settings.memory_limit)
+                             memory_limit=settings.memory_limit, **settings.path)
     try:
         for event in events:
             if isinstance(event, Draft):
@@ -289,7 +297,8 @@ def batch_command(settings: Settings, prompts_file: Path, no_chat_template: bool
         model = checkpoint.load()
         answers = Answers()
         events = stream_blocks(model, tokenizer, [ids.tolist() for ids in rows], config=checkpoint.sampler,
-                                 seed=settings.seed, memory_limit=settings.memory_limit, max_batch=max_batch)
+                                 seed=settings.seed, memory_limit=settings.memory_limit, max_batch=max_batch,
+                                 **settings.path)
         written = 0
         try:
             with batch_progress() as progress:

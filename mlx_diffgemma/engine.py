@@ -31,7 +31,8 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import BatchedContext
-from .sampler import NoiseSource, SamplerConfig, decide, empty_history, temper, temperatures
+from .sampler import (DEFAULT_SELF_CONDITIONING_TOP_K, NoiseSource, SamplerConfig, decide, empty_history, one_pass,
+                      temper, temperatures)
 
 
 @dataclass(eq=False)
@@ -142,6 +143,7 @@ class _Slot:
     cache: list
     max_new_tokens: int
     block: int = 0
+    generated: int = 0  # tokens of its committed blocks (shorter than canvases with auto_canvas)
 
     @property
     def draws(self) -> Row:
@@ -162,16 +164,54 @@ class Step:
     soft_embeddings: Optional[mx.array]
 
 
+def canvas_sizes(canvas_length: int) -> Tuple[int, ...]:
+    """The canvas lengths ``auto_canvas`` denoises: a quarter of the model's
+    canvas doubled up to it (64, 128, 256 for the real model), so that few
+    shapes are ever compiled and a block always has a quarter canvas of
+    positions to settle in."""
+    size, sizes = max(1, canvas_length // 4), []
+    while size < canvas_length:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, canvas_length)
+
+
+def canvas_for(remaining: int, canvas_length: int) -> int:
+    """The smallest of ``canvas_sizes`` that holds ``remaining`` tokens (the whole canvas at most)."""
+    return next(size for size in canvas_sizes(canvas_length) if size >= min(remaining, canvas_length))
+
+
 @dataclass(frozen=True)
 class Denoiser:
     """What stays fixed through a run: the model, the sampler's settings, the
-    noise of requests that bring none, and how many rows may have their
-    logits at once (all when None)."""
+    noise of requests that bring none, how many rows may have their logits at
+    once (all when None), and the path.
+
+    ``exact`` (the default) is the reference path: token for token what
+    transformers' ``generate`` gives with the same draws. ``exact=False`` is
+    the fast path: ``sampler.one_pass`` over the logits, the next step's
+    self-conditioning from the ``top_k`` most likely tokens of each position
+    instead of the whole vocabulary, and one evaluation per step; its
+    proposals come from the noise source's ``uniform`` draws.
+    ``auto_canvas`` denoises a shorter canvas (``canvas_for``) when fewer
+    tokens than a canvas remain under every row's ``max_new_tokens``: a
+    different computation from the reference's, so never on by default.
+    """
 
     model: Any
     config: SamplerConfig
     noise: NoiseSource
     logits_rows: Optional[int] = None
+    exact: bool = True
+    top_k: int = DEFAULT_SELF_CONDITIONING_TOP_K
+    auto_canvas: bool = False
+
+    def canvas_length(self, slots: Sequence["_Slot"]) -> int:
+        """The canvas a round of ``slots`` denoises."""
+        L = self.model.args.canvas_length
+        if not self.auto_canvas:
+            return L
+        return max(canvas_for(slot.max_new_tokens - slot.generated, L) for slot in slots)
 
     def run(self, requests: Union[RequestQueue, Sequence[Request]], max_batch: int
             ) -> Iterator[Union[Draft, Committed]]:
@@ -179,7 +219,7 @@ class Denoiser:
         sequence), at most ``max_batch`` at once, admitting waiting ones at
         round boundaries; yields a ``Draft`` per step and a ``Committed`` per
         round, and ends when nothing is active and nothing waits."""
-        model, L = self.model, self.model.args.canvas_length
+        model = self.model
         source = requests if isinstance(requests, RequestQueue) else RequestQueue(requests)
         eos = np.array(self.config.eos_token_id or (), dtype=np.int64)
         active: List[_Slot] = []
@@ -202,11 +242,12 @@ class Denoiser:
             if not active:
                 return
             context = BatchedContext([slot.cache for slot in active])
-            tokens, steps, cancelled = yield from self._denoise_block(context, active, round_)
-            kept = np.array([min(L, slot.max_new_tokens - slot.block * L) for slot in active])
+            L = self.canvas_length(active)
+            tokens, steps, cancelled = yield from self._denoise_block(context, active, round_, L)
+            kept = np.array([min(L, slot.max_new_tokens - slot.generated) for slot in active])
             is_eos = np.isin(tokens, eos)
             within = np.arange(L)[None] < kept[:, None]
-            last = np.array([(slot.block + 1) * L >= slot.max_new_tokens for slot in active])
+            last = np.array([slot.generated + L >= slot.max_new_tokens for slot in active])
             finished = (is_eos & within).any(axis=1) | last | cancelled
             if self.config.pad_token_id is not None:
                 after_eos = np.cumsum(is_eos, axis=1) - is_eos > 0
@@ -220,12 +261,12 @@ class Denoiser:
             active = [active[i] for i in keep]
             for slot in active:
                 slot.block += 1
+                slot.generated += L
             admit()
 
-    def _denoise_block(self, context: BatchedContext, slots: List[_Slot], round_: int):
-        """Denoise one block for ``slots``; returns the argmax [len(slots), L],
-        the steps each row ran and which rows were cancelled."""
-        L = self.model.args.canvas_length
+    def _denoise_block(self, context: BatchedContext, slots: List[_Slot], round_: int, L: int):
+        """Denoise one block of ``L`` tokens for ``slots``; returns the argmax
+        [len(slots), L], the steps each row ran and which rows were cancelled."""
         result = np.zeros((len(slots), L), dtype=np.int64)
         steps = np.zeros(len(slots), dtype=np.int64)
         rows, blocks = tuple(s.row for s in slots), tuple(s.block for s in slots)
@@ -233,7 +274,7 @@ class Denoiser:
         active = np.array([i for i, s in enumerate(slots) if not s.request.cancelled], dtype=np.int64)
         if len(active):
             view = context if len(active) == len(slots) else context.take(active.tolist())
-            canvas = self._draw([slots[i].draws for i in active], step=0)
+            canvas = self._draw([slots[i].draws for i in active], step=0, length=L)
             soft_embeddings = None
             history = empty_history(self.config, len(active), L)
         schedule = temperatures(self.config)
@@ -273,12 +314,15 @@ class Denoiser:
         every row at once; the logits and everything computed from them
         (tempering, entropy, sampling, the next step's self-conditioning)
         exist for ``logits_rows`` rows at a time. ``last`` skips the
-        self-conditioning that no step would read."""
+        self-conditioning that no step would read. On the fast path, with the
+        logits of every row at once, the whole step is one graph, evaluated once."""
         hidden = self.model.hidden_states(canvas, context, soft_embeddings)
-        mx.eval(hidden)
         size = self.logits_rows or len(rows)
-        parts = [self._sample(hidden[start : start + size], history[:, start : start + size], rows[start : start + size],
-                              step=step, temperature=temperature, last=last)
+        if self.exact or size < len(rows):
+            mx.eval(hidden)
+        sample = self._sample if self.exact else self._sample_fast
+        parts = [sample(hidden[start : start + size], history[:, start : start + size], rows[start : start + size],
+                        step=step, temperature=temperature, last=last)
                  for start in range(0, len(rows), size)]
         if len(parts) == 1:
             return parts[0]
@@ -296,10 +340,10 @@ class Denoiser:
                 last: bool) -> Step:
         """The sampler's part of a step for some rows, from their hidden
         states; their logits are freed when it returns."""
-        config = self.config
+        config, L = self.config, hidden.shape[1]
         processed, entropy, argmax = temper(self.model.logits(hidden), mx.array(temperature))
-        proposal = self._draw(rows, step=step, logits=processed)
-        renoise = self._draw(rows, step=step)
+        proposal = self._draw(rows, step=step, length=L, logits=processed)
+        renoise = self._draw(rows, step=step, length=L)
         canvas, accepted, stop, history = decide(
             entropy, argmax, proposal.astype(renoise.dtype), renoise, history,
             mx.array(config.entropy_bound, dtype=mx.float32), mx.array(config.confidence_threshold, dtype=mx.float32))
@@ -312,20 +356,48 @@ class Denoiser:
             mx.eval(soft)
         return Step(canvas, argmax, accepted, stop, history, soft)
 
-    def _draw(self, rows: Sequence[Row], *, step: int, logits: Optional[mx.array] = None) -> mx.array:
-        """Proposals drawn from ``logits``, or without them a uniform canvas,
-        for ``rows``: one call per run of neighbouring rows with the same
-        source at the same block, so that no call mixes sources or blocks
-        (sources key their draws by block), the logits passed as views."""
-        L, V = self.model.args.canvas_length, self.model.args.vocab_size
+    def _sample_fast(self, hidden: mx.array, history: mx.array, rows: Sequence[Row], *, step: int,
+                     temperature: float, last: bool) -> Step:
+        """``_sample`` on the fast path: one pass over the logits, the next
+        step's self-conditioning from the top ``top_k`` tokens, one evaluation."""
+        config, L = self.config, hidden.shape[1]
+        logits = self.model.logits(hidden)
+        if all(hasattr(self._source(r), "uniform") for r in rows):
+            drawn = one_pass(logits, temperature, self._draw(rows, step=step, length=L, uniform=True), self.top_k,
+                             self.model.dtype)
+            proposal = drawn.proposal
+        else:  # a source of the reference's draws only: its proposals from the processed logits
+            drawn = one_pass(logits, temperature, mx.zeros((len(rows), L)), self.top_k, self.model.dtype)
+            proposal = self._draw(rows, step=step, length=L, logits=logits / temperature)
+        renoise = self._draw(rows, step=step, length=L)
+        canvas, accepted, stop, history = decide(
+            drawn.entropy, drawn.argmax, proposal.astype(renoise.dtype), renoise, history,
+            mx.array(config.entropy_bound, dtype=mx.float32), mx.array(config.confidence_threshold, dtype=mx.float32))
+        soft = None if last else self.model.top_k_soft_embeddings(drawn.top_ids, drawn.top_weights)
+        mx.eval(canvas, drawn.argmax, accepted, stop, history, soft)
+        stop = np.array(stop)
+        if soft is not None and stop.any():
+            soft = None if stop.all() else soft[mx.array(np.flatnonzero(~stop))]
+        return Step(canvas, drawn.argmax, accepted, stop, history, soft)
+
+    def _draw(self, rows: Sequence[Row], *, step: int, length: int, logits: Optional[mx.array] = None,
+              uniform: bool = False) -> mx.array:
+        """Proposals drawn from ``logits``, the fast path's ``uniform`` draws,
+        or else a uniform canvas of ``length``, for ``rows``: one call per run
+        of neighbouring rows with the same source at the same block, so that
+        no call mixes sources or blocks (sources key their draws by block),
+        the logits passed as views."""
+        V = self.model.args.vocab_size
         parts, start = [], 0
         for (source, block), run in itertools.groupby(rows, key=lambda r: (self._source(r), r.block)):
             part = slice(start, start + len(list(run)))
             start = part.stop
             # A request's own source sees it as row 0 of a batch of its own.
             keys = [r.row if r.noise is None else 0 for r in rows[part]]
-            if logits is None:
-                parts.append(source.canvas(keys, L, V, block=block, step=step))
+            if uniform:
+                parts.append(source.uniform(keys, length, block=block, step=step))
+            elif logits is None:
+                parts.append(source.canvas(keys, length, V, block=block, step=step))
             else:
                 parts.append(source.proposal(logits[part], keys, block=block, step=step))
         return parts[0] if len(parts) == 1 else mx.concatenate(parts)

@@ -19,7 +19,7 @@ import numpy as np
 
 from .engine import Committed, Denoiser, Draft, Request
 from .memory import largest_context, parse_size, plan, weight_bytes
-from .sampler import MLXNoise, NoiseSource, SamplerConfig
+from .sampler import DEFAULT_SELF_CONDITIONING_TOP_K, MLXNoise, NoiseSource, SamplerConfig
 
 # The default cap on canvases denoised at once. A 256-token canvas already
 # keeps an Apple GPU's (and this CPU's) arithmetic busy, so more canvases add
@@ -100,6 +100,9 @@ def stream_blocks(
     cache: Optional[list] = None,
     max_batch: Optional[int] = None,
     memory_limit=None,
+    exact: bool = True,
+    top_k: Optional[int] = None,
+    canvas: str = "full",
     **options,
 ) -> Iterator[Union[Draft, Block]]:
     """Generate from ``prompt`` and yield a ``Draft`` after every denoising
@@ -122,7 +125,19 @@ def stream_blocks(
     ``memory_limit`` (bytes or "16GB"; the device's budget when None), at
     most ``DEFAULT_MAX_BATCH``, and a request that cannot fit at all fails
     before anything is allocated.
+
+    ``exact`` (the default) keeps the reference path, token for token
+    transformers' with the same draws; ``exact=False`` takes the fast path
+    (one pass over the logits, self-conditioning from the ``top_k`` most
+    likely tokens of each position, 32 by default). ``canvas="auto"`` denoises
+    a shorter canvas when fewer tokens than a canvas remain (a quarter, a half
+    or the whole one), so a short answer costs less; "full" always denoises
+    the model's whole canvas, as the reference does.
     """
+    if canvas not in ("full", "auto"):
+        raise ValueError(f"canvas must be 'full' or 'auto', not {canvas!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
     options = sampler_options(options)
     prompts = prompt_ids(tokenizer, prompt, messages=messages, chat=chat, enable_thinking=enable_thinking)
     if cache is not None and len(prompts) != 1:
@@ -136,7 +151,8 @@ def stream_blocks(
         limits = [None] * len(prompts)
     config = resolve_config(model, tokenizer, config, options)
     max_batch, logits_rows = batch_size(model, prompts, config, max_batch, memory_limit, cache)
-    denoiser = Denoiser(model, config, noise or MLXNoise(seed), logits_rows)
+    denoiser = Denoiser(model, config, noise or MLXNoise(seed), logits_rows, exact=exact,
+                        top_k=top_k or DEFAULT_SELF_CONDITIONING_TOP_K, auto_canvas=canvas == "auto")
     markers = _TextMarkers(tokenizer, config.eos_token_id)
     answers = [_AnswerText(tokenizer, markers) for _ in prompts]
     valid = np.zeros(len(prompts), dtype=np.int64)  # non-pad committed tokens, per row
@@ -275,7 +291,7 @@ NOT_FOR_DIFFUSION = {
 }
 
 API_KEYWORDS = ("max_tokens", "temp", "verbose", "messages", "chat", "enable_thinking", "config", "seed", "noise",
-                "cache", "max_batch", "memory_limit")
+                "cache", "max_batch", "memory_limit", "exact", "top_k", "canvas")
 
 
 def sampler_options(options: dict) -> dict:

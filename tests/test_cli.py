@@ -97,6 +97,20 @@ def test_verbose_prints_mlx_lm_statistics(checkpoint, expected):
     assert lines[6].startswith("Peak memory: ") and lines[6].endswith(" GB") and len(lines) == 7
 
 
+def test_fast_path_and_auto_canvas_flags_reach_the_engine(checkpoint):
+    model, tokenizer = load(checkpoint)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                        enable_thinking=False)
+    for flags, options in ((["--fast", "--sc-top-k", "3"], dict(exact=False, top_k=3)),
+                           (["--canvas", "auto", "-m", "2"], dict(canvas="auto", max_new_tokens=2))):
+        result = run(checkpoint, "--seed", 2, "--json", *flags)
+        assert result.exit_code == 0, result.output
+        want = generate(model, tokenizer, ids, seed=2, **{"max_new_tokens": MAX_TOKENS, **options})
+        assert json.loads(result.stdout)["tokens"] == want.tokens[0]
+    assert len(want.tokens[0]) == model.args.canvas_length // 4  # a quarter canvas holds the 2 tokens
+    assert run(checkpoint, "--canvas", "half").exit_code != 0
+
+
 def test_prompt_from_stdin_and_from_a_file(checkpoint, tmp_path):
     direct = run(checkpoint, "--seed", 2).stdout
     assert run(checkpoint, "--seed", 2, prompt="-", input=PROMPT + "\n").stdout == direct

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mlx_diffgemma import batch_generate, load
-from mlx_diffgemma.engine import Committed, Denoiser, Draft, Request, RequestQueue
+from mlx_diffgemma.engine import Committed, Denoiser, Draft, Request, RequestQueue, canvas_for, canvas_sizes
 from mlx_diffgemma.sampler import MLXNoise, SamplerConfig
 
 # Fixed steps (no early stop) and no end of sequence: every row's work is known in advance.
@@ -160,3 +160,36 @@ def test_requests_join_a_running_batch_at_block_boundaries(model):
     assert len(queue) == 0  # and then the run ended: nothing active, nothing waiting
     for (prompt, seed, limit), tokens in zip([(second, 2, None), (third, 3, 8)], answers(events, late)):
         assert tokens == run(model, [Request(prompt, noise=MLXNoise(seed), max_new_tokens=limit)])[1][0]
+
+
+def test_canvas_sizes_double_from_a_quarter_canvas():
+    assert canvas_sizes(256) == (64, 128, 256) and canvas_sizes(8) == (2, 4, 8) and canvas_sizes(2) == (1, 2)
+    assert [canvas_for(n, 256) for n in (1, 32, 64, 65, 128, 200, 256, 1000)] == [64, 64, 64, 128, 128, 256, 256, 256]
+
+
+def test_auto_canvas_denoises_only_what_is_left(model):
+    L = model.args.canvas_length
+    requests = [Request(p, max_new_tokens=n, noise=MLXNoise(i))
+                for i, (p, n) in enumerate(zip(prompts(model.args.vocab_size), (L + 1, 2, 3)))]
+    events = list(Denoiser(model, CONFIG, MLXNoise(0), auto_canvas=True).run(requests[:1], max_batch=1))
+    committed = [e for e in events if isinstance(e, Committed)]
+    assert [e.tokens.shape for e in committed] == [(1, L), (1, L // 4)] and committed[1].kept.tolist() == [1]
+    assert {d.canvas.shape for d in events if isinstance(d, Draft) and d.round == 1} == {(1, L // 4)}
+    # A batch takes the canvas its longest remainder needs: 3 tokens fit a half canvas.
+    events, tokens = [], answers(events, requests[:1])
+    events = list(Denoiser(model, CONFIG, MLXNoise(0), auto_canvas=True).run(requests[1:], max_batch=2))
+    assert [e.tokens.shape for e in events if isinstance(e, Committed)] == [(2, L // 2)]
+    assert [len(t) for t in answers(events, requests[1:])] == [2, 3] and len(tokens[0]) == L + 1
+
+
+def test_the_fast_path_keeps_the_engines_promises(model):
+    """Its own (uniform) draws per request, exact token limits, any batch and logits chunking."""
+    def fast(requests, max_batch=4, logits_rows=None):
+        events = list(Denoiser(model, CONFIG, MLXNoise(0), logits_rows, exact=False, top_k=4).run(requests, max_batch))
+        return answers(events, requests)
+
+    first, *others = prompts(model.args.vocab_size)
+    seeded = lambda: Request(first, noise=MLXNoise(5), max_new_tokens=13)  # noqa: E731
+    (alone,) = fast([seeded()])
+    crowded = fast([seeded()] + [Request(p) for p in others], logits_rows=1)
+    assert len(alone) == 13 and crowded[0] == alone and [len(t) for t in crowded[1:]] == [16, 16, 16]

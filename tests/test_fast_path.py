@@ -112,8 +112,13 @@ def test_uniform_draws_are_seeded():
 
 
 def test_experts_grouped_by_expert_give_the_gathered_result(monkeypatch):
+    from mlx_diffgemma import model as model_module
     from mlx_diffgemma.model import Experts
 
+    monkeypatch.setattr(model_module, "GROUPED_EXPERT_SIZE", 0)
+    grouped_calls = []
+    original = Experts._grouped
+    monkeypatch.setattr(Experts, "_grouped", lambda self, *a: grouped_calls.append(1) or original(self, *a))
     args = synthetic_args("tiny")
     experts = Experts(args)
     mx.random.seed(0)
@@ -123,14 +128,17 @@ def test_experts_grouped_by_expert_give_the_gathered_result(monkeypatch):
     indices = mx.random.randint(0, args.num_experts, (2, 40, args.top_k_experts)).astype(mx.uint32)
     weights = mx.softmax(mx.random.normal(indices.shape), axis=-1)
     grouped = experts(x, indices, weights)
+    assert grouped_calls == [1]
     monkeypatch.setattr(Experts, "_grouped", lambda self, x, indices: None)
     gathered = experts(x, indices, weights)
     np.testing.assert_allclose(np.array(grouped), np.array(gathered), atol=1e-5)
 
 
-def test_experts_inside_compile_take_the_gathered_path():
+def test_experts_inside_compile_take_the_gathered_path(monkeypatch):
+    from mlx_diffgemma import model as model_module
     from mlx_diffgemma.model import Experts
 
+    monkeypatch.setattr(model_module, "GROUPED_EXPERT_SIZE", 0)
     args = synthetic_args("tiny")
     experts = Experts(args)
     x = mx.random.normal((1, 40, args.hidden_size))

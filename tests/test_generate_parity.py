@@ -245,6 +245,28 @@ def test_tokens_match_reference(name, checkpoints, monkeypatch):
     assert not missing, f"setting no longer exercises {missing}: {ours.steps_per_block}"
 
 
+@pytest.mark.parametrize("name", [n for n, s in SETTINGS.items() if s.checkpoint.startswith("settling")])
+def test_fast_path_over_the_whole_vocabulary_matches_reference(name, checkpoints, monkeypatch):
+    """The fast path with K = vocab and the reference's draws (a source without
+    ``uniform``): its one-pass entropy, argmax and acceptance and its gathered
+    self-conditioning give the reference's tokens; only K < vocab and its own
+    uniform draws make it differ."""
+    setting = SETTINGS[name]
+    model, tokenizer, reference = checkpoints(setting.checkpoint)
+    L, V = model.args.canvas_length, model.args.vocab_size
+    prompt = make_prompt(setting, V)
+    table = NoiseTable(setting.seed, setting.batch, L, V)
+    eos = None
+    if setting.eos:
+        free_run = generate(model, tokenizer, prompt, noise=TableNoise(table), eos_token_id=[], **setting.sampler())
+        eos = [pick_eos(free_run.tokens, *where, L) for where in setting.eos]
+    fast = generate(model, tokenizer, prompt, noise=TableNoise(table), eos_token_id=eos or [], exact=False, top_k=V,
+                    **setting.sampler())
+    expected, _ = run_reference(reference, prompt, setting, eos, table, monkeypatch)
+    for row, tokens in enumerate(fast.tokens):
+        assert tokens == expected[row, :len(tokens)].tolist(), f"row {row}"
+
+
 # The engine's own promises, beyond matching the reference.
 
 BATCH_PROMPT = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [11, 12, 13, 14, 15, 16, 17, 18, 19]]
