@@ -214,8 +214,15 @@ def scenarios(result, setting: Setting, length: int) -> set:
     return seen
 
 
-@pytest.mark.parametrize("name", list(SETTINGS))
-def test_tokens_match_reference(name, checkpoints, monkeypatch):
+# The fast path runs the settling settings with K = vocab and the reference's draws (a noise source
+# without ``uniform``): then its one-pass entropy, argmax and acceptance and its gathered
+# self-conditioning must give the reference's tokens; only K < vocab and its own draws make it differ.
+CASES = [(name, "exact") for name in SETTINGS] + [
+    (name, "fast") for name, setting in SETTINGS.items() if setting.checkpoint.startswith("settling")]
+
+
+@pytest.mark.parametrize("name, path", CASES)
+def test_tokens_match_reference(name, path, checkpoints, monkeypatch):
     setting = SETTINGS[name]
     model, tokenizer, reference = checkpoints(setting.checkpoint)
     L, V = model.args.canvas_length, model.args.vocab_size
@@ -227,7 +234,8 @@ def test_tokens_match_reference(name, checkpoints, monkeypatch):
         free_run = batch_generate(model, tokenizer, prompt, noise=TableNoise(table), eos_token_id=[],
                                   **setting.sampler())
         eos = [pick_eos(free_run.tokens, *where, L) for where in setting.eos]
-    ours = batch_generate(model, tokenizer, prompt, noise=TableNoise(table), eos_token_id=eos or [],
+    path_options = {} if path == "exact" else {"exact": False, "top_k": V}
+    ours = batch_generate(model, tokenizer, prompt, noise=TableNoise(table), eos_token_id=eos or [], **path_options,
                           **setting.sampler())
     expected, expected_tpf = run_reference(reference, prompt, setting, eos, table, monkeypatch)
 
@@ -243,28 +251,6 @@ def test_tokens_match_reference(name, checkpoints, monkeypatch):
 
     missing = setting.expect - scenarios(ours, setting, L)
     assert not missing, f"setting no longer exercises {missing}: {ours.steps_per_block}"
-
-
-@pytest.mark.parametrize("name", [n for n, s in SETTINGS.items() if s.checkpoint.startswith("settling")])
-def test_fast_path_over_the_whole_vocabulary_matches_reference(name, checkpoints, monkeypatch):
-    """The fast path with K = vocab and the reference's draws (a source without
-    ``uniform``): its one-pass entropy, argmax and acceptance and its gathered
-    self-conditioning give the reference's tokens; only K < vocab and its own
-    uniform draws make it differ."""
-    setting = SETTINGS[name]
-    model, tokenizer, reference = checkpoints(setting.checkpoint)
-    L, V = model.args.canvas_length, model.args.vocab_size
-    prompt = make_prompt(setting, V)
-    table = NoiseTable(setting.seed, setting.batch, L, V)
-    eos = None
-    if setting.eos:
-        free_run = generate(model, tokenizer, prompt, noise=TableNoise(table), eos_token_id=[], **setting.sampler())
-        eos = [pick_eos(free_run.tokens, *where, L) for where in setting.eos]
-    fast = generate(model, tokenizer, prompt, noise=TableNoise(table), eos_token_id=eos or [], exact=False, top_k=V,
-                    **setting.sampler())
-    expected, _ = run_reference(reference, prompt, setting, eos, table, monkeypatch)
-    for row, tokens in enumerate(fast.tokens):
-        assert tokens == expected[row, :len(tokens)].tolist(), f"row {row}"
 
 
 # The engine's own promises, beyond matching the reference.
