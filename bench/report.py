@@ -175,6 +175,19 @@ def _batch_table(result: dict) -> Table:
     return table
 
 
+def _vs_table(result: dict) -> Table:
+    vs = result["vs"]
+    medians = vs["median_seconds"]
+    base = medians["ours: forward, no self-conditioning"]
+    theirs = medians.get(f"{vs['engine']}: engine step")
+    table = _table(f"Against {vs['engine']} on the same weights: seconds per pass, medians of {vs['rounds']} "
+                   "interleaved rounds", ["", "median s", "x our bare forward", f"{vs['engine']} step / this"])
+    for name, seconds in medians.items():
+        speedup = f"{theirs / seconds:.2f}x" if theirs and "engine step" in name else ""
+        table.add_row(name, _num(seconds, 3), f"{seconds / base:.2f}", speedup)
+    return table
+
+
 def print_report(result: dict, console: Console) -> None:
     _header(result, console)
     console.print(_speed_table(result))
@@ -187,6 +200,8 @@ def print_report(result: dict, console: Console) -> None:
     console.print(ANSWERS_NOTE, style="dim", highlight=False)
     if "batch_sweep" in result:
         console.print(_batch_table(result))
+    if "vs" in result:
+        console.print(_vs_table(result))
 
 
 def write_json(result: dict, path: str) -> None:

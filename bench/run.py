@@ -9,6 +9,7 @@ Gemma 4. The report puts each engine's figures next to what the measured
 bandwidth and matmul throughput of this device allow (``roofline``).
 """
 
+import importlib.util
 import os
 import platform
 import statistics
@@ -56,6 +57,7 @@ class Options:
     seed: int = 0
     cpu_dequantize: str = "auto"
     batches: Sequence[int] = ()  # canvases per forward pass to sweep; empty: no batch sweep
+    vs: Optional[str] = None  # "mlx-vlm": also time its engine step on the same weights
 
 
 # What a run measures unless told otherwise. `--synthetic tiny` is a smoke run: its defaults take seconds.
@@ -100,6 +102,11 @@ def check(opts: Options) -> None:
         raise BenchError(f"--quant takes one of {', '.join(QUANT)}, not {opts.quant!r}")
     if opts.layers is not None and opts.layers < 1:
         raise BenchError("--layers must be 1 or more")
+    if opts.vs is not None:
+        if opts.vs != "mlx-vlm":
+            raise BenchError(f"--vs takes mlx-vlm, not {opts.vs!r}")
+        if importlib.util.find_spec("mlx_vlm") is None:
+            raise BenchError("--vs mlx-vlm needs mlx-vlm installed (pip install mlx-vlm)")
     if opts.prompt_tokens < 2 or opts.gen_tokens < 2 or opts.trials < 1:
         raise BenchError("--prompt-tokens and --gen-tokens must be 2 or more, --trials 1 or more")
 
@@ -431,6 +438,12 @@ def run(opts: Options, progress: Callable[[str], None]) -> dict:
                             opts.gen_tokens, min(opts.steps), opts.seed)
         result["batch_sweep"] = {"steps_per_block": min(opts.steps), "records": [r.to_dict() for r in sweep],
                                  "throughput_gain": throughput_gains(sweep)}
+    if opts.vs:
+        from mlx_diffgemma.bench import sidebyside
+
+        progress(f"our engine step against {opts.vs}'s on the same weights, {opts.trials} interleaved rounds")
+        result["vs"] = {"engine": opts.vs, **sidebyside.compare(models.diffusion.model, opts.trials,
+                                                                 opts.prompt_tokens, opts.seed, progress)}
     return result
 
 

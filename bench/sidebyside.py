@@ -23,6 +23,7 @@ from typing import Callable, Dict, List
 import mlx_diffgemma  # noqa: F401  (before MLX: it chooses MLX's BLAS)
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 from rich.console import Console
@@ -52,8 +53,21 @@ def mlx_vlm_model(ours):
     text = {k: v for k, v in asdict(ours.args).items() if k in TextConfig.__dataclass_fields__}
     theirs = Model(ModelConfig(text_config=TextConfig(**text), vision_config=None,
                                canvas_length=ours.args.canvas_length))
+    # The same quantization, module by module, so that the arrays fit.
+    quantized = {path: {"group_size": m.group_size, "bits": m.bits, "mode": getattr(m, "mode", "affine")}
+                 for path, m in ours.named_modules() if hasattr(m, "scales")}
+    if quantized:
+        nn.quantize(theirs, class_predicate=lambda path, module: quantized.get(path, False))
     theirs.load_weights(tree_flatten(ours.parameters()))
     return theirs
+
+
+def compare(model, rounds: int, prompt_tokens: int, seed: int, progress=lambda line: None) -> dict:
+    """``mlxdg bench --vs mlx-vlm``: every measurement's seconds per round and their medians."""
+    theirs = mlx_vlm_model(model)
+    times = run_rounds(measurements(model, theirs, prompt_tokens, DEFAULT_SELF_CONDITIONING_TOP_K, seed), rounds,
+                       progress)
+    return {"rounds": rounds, "seconds": times, "median_seconds": {k: statistics.median(v) for k, v in times.items()}}
 
 
 def _mlx_vlm_step(theirs, cache, mask, context, config: SamplerConfig, temperature: float):
@@ -80,6 +94,20 @@ def _mlx_vlm_step(theirs, cache, mask, context, config: SamplerConfig, temperatu
         mx.eval(renoised, next_sc, argmax)
 
     return step
+
+
+def ungrouped(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` with the CPU's expert grouping off (every expert through GatherMM)."""
+    from mlx_diffgemma import model as model_module
+
+    def run():
+        size, model_module.GROUPED_EXPERT_SIZE = model_module.GROUPED_EXPERT_SIZE, float("inf")
+        try:
+            fn()
+        finally:
+            model_module.GROUPED_EXPERT_SIZE = size
+
+    return run
 
 
 def measurements(model, theirs, prompt_tokens: int, top_k: int, seed: int) -> Dict[str, Callable[[], None]]:
@@ -114,6 +142,10 @@ def measurements(model, theirs, prompt_tokens: int, top_k: int, seed: int) -> Di
         f"ours: engine step, fast (top-{top_k})": step(fast_soft, exact=False, top_k=top_k),
         "ours: commit (encode one block)": lambda: model.encode(block, commits),
     }
+    if mx.default_device() == mx.cpu:  # what grouping the experts by expert saves there
+        out["ours: forward, no self-conditioning, GatherMM experts"] = ungrouped(
+            lambda: mx.eval(model.logits(model.hidden_states(canvas, cache))))
+        out["ours: commit, GatherMM experts"] = ungrouped(lambda: model.encode(block, commits))
     if theirs is None:
         return out
     prefill = dict(attention_mask=None, pixel_values=None, mm_token_type_ids=None, prefill_step_size=None,
@@ -142,6 +174,20 @@ def measurements(model, theirs, prompt_tokens: int, top_k: int, seed: int) -> Di
     return out
 
 
+def short_answers(model, prompt_tokens: int, max_tokens: int, steps: int, seed: int) -> Dict[str, Callable[[], None]]:
+    """Time to a whole answer of ``max_tokens`` tokens (prefill included), full canvas against
+    ``canvas="auto"``, on the fast path, at ``steps`` fixed steps per block (no early stop, no EOS)."""
+    from mlx_diffgemma.bench.engines import SyntheticTokenizer
+    from mlx_diffgemma.generate import batch_generate
+
+    prompt = np.random.default_rng(seed).integers(0, model.args.vocab_size, prompt_tokens).tolist()
+    fixed = dict(max_tokens=max_tokens, max_denoising_steps=steps, stability_threshold=steps + 1, eos_token_id=(),
+                 seed=seed, exact=False)
+    return {f"answer of {max_tokens} tokens, {canvas} canvas ({steps} steps)":
+            (lambda canvas=canvas: batch_generate(model, SyntheticTokenizer(), prompt, canvas=canvas, **fixed))
+            for canvas in ("full", "auto")}
+
+
 def run_rounds(work: Dict[str, Callable[[], None]], rounds: int, progress=lambda line: None) -> Dict[str, List[float]]:
     """Seconds of each measurement per round, after one untimed round."""
     times = {name: [] for name in work}
@@ -166,7 +212,7 @@ def report(shape: str, args, times: Dict[str, List[float]], console: Console) ->
         table.add_column(column, justify="left" if not column else "right")
     for name, values in times.items():
         median = statistics.median(values)
-        speedup = f"{statistics.median(vlm) / median:.2f}" if vlm and "step" in name else ""
+        speedup = f"{statistics.median(vlm) / median:.2f}" if vlm and "engine step" in name else ""
         table.add_row(name, f"{median:.3f}", f"{min(values):.3f}", f"{median / base:.2f}", speedup)
     console.print(table)
 
@@ -178,6 +224,9 @@ def main(argv=None):
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--top-k", type=int, default=DEFAULT_SELF_CONDITIONING_TOP_K)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--short-answer", type=int, metavar="TOKENS",
+                        help="also time a whole answer of this many tokens, full canvas against --canvas auto")
+    parser.add_argument("--short-answer-steps", type=int, default=8)
     parser.add_argument("--json", help="also write the per-round seconds here")
     opts = parser.parse_args(argv)
     console = Console(width=150)
@@ -188,6 +237,8 @@ def main(argv=None):
     if theirs is None:
         console.print("[dim]mlx-vlm is not installed: our rows only[/dim]")
     work = measurements(model, theirs, opts.prompt_tokens, opts.top_k, opts.seed)
+    if opts.short_answer:
+        work.update(short_answers(model, opts.prompt_tokens, opts.short_answer, opts.short_answer_steps, opts.seed))
     times = run_rounds(work, opts.rounds, lambda line: console.print(f"[dim]{line}[/dim]"))
     report(opts.shape, args, times, console)
     if opts.json:

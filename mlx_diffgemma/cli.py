@@ -99,6 +99,8 @@ def bench(
                              "autoregressive decoding side by side."),
     puzzles: int = typer.Option(200, "--puzzles", min=1, help="With --task sudoku: how many puzzles."),
     givens: str = typer.Option("45-50", "--givens", help="With --task sudoku: givens per puzzle, a range."),
+    vs: str = typer.Option(None, "--vs", help="mlx-vlm: also time mlx-vlm's engine step and ours (exact and fast) "
+                           "on the same weights, interleaved (needs mlx-vlm installed)."),
 ):
     """Diffusion versus autoregressive decoding on this machine, side by side, against the roofline."""
     if task is not None:
@@ -123,7 +125,7 @@ def bench(
     except BenchError as e:
         raise typer.BadParameter(str(e), param_hint="--steps/--batch") from None
     options = Options(model, ar_model, synthetic, layers, step_counts, prompt_tokens, gen_tokens, quant, trials,
-                      seed, cpu_dequantize.value, batches)
+                      seed, cpu_dequantize.value, batches, vs)
     raise typer.Exit(bench_main(options, json_path, plot))
 
 

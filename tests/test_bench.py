@@ -134,10 +134,33 @@ def test_ratios_and_crossover_come_from_the_same_trials(tiny_run):
     (["--model", "somewhere", "--layers", "2"], "shape a --synthetic model"),
     (["--synthetic", "tiny", "--quant", "3"], "--quant takes one of"),
     (["--synthetic", "tiny", "--gen-tokens", "1"], "must be 2 or more"),
+    (["--synthetic", "tiny", "--vs", "vllm"], "--vs takes mlx-vlm"),
 ])
 def test_bad_requests_fail_in_one_line(args, message):
     result = CliRunner().invoke(app, ["bench", *args])
     assert result.exit_code == 2 and message in result.output
+
+
+def test_vs_mlx_vlm_times_both_engines_on_the_same_weights(tmp_path):
+    pytest.importorskip("mlx_vlm")
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "--synthetic", "tiny", "--steps", "2", "--trials", "1",
+                                      "--gen-tokens", "32", "--vs", "mlx-vlm", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    vs = json.loads(out.read_text())["vs"]
+    assert vs["engine"] == "mlx-vlm" and vs["rounds"] == 1
+    names = set(vs["median_seconds"])
+    assert {"ours: engine step, exact", "mlx-vlm: engine step", "mlx-vlm: commit (encode one block)"} <= names
+    assert all(len(v) == 1 and v[0] > 0 for v in vs["seconds"].values())
+    assert "Against mlx-vlm on the same weights" in result.output
+
+
+def test_tiny_is_a_smoke_run_by_default():
+    from mlx_diffgemma.bench.run import Options, with_defaults
+
+    tiny, full = with_defaults(Options(synthetic="tiny")), with_defaults(Options(synthetic="26b-a4b"))
+    assert tiny.trials < full.trials and tiny.gen_tokens < full.gen_tokens and len(tiny.steps) < len(full.steps)
+    assert with_defaults(Options(synthetic="tiny", trials=7)).trials == 7
 
 
 def test_steps_must_be_counts():
@@ -188,3 +211,19 @@ def test_batch_sweep_is_consistent(tiny_run):
     single = sweep["records"][0]["tokens_per_second"]
     assert all(_close(sweep["throughput_gain"][str(r["batch"])], r["tokens_per_second"] / single)
                for r in sweep["records"])
+
+
+def test_mlx_vlm_built_on_our_arrays_computes_our_logits():
+    pytest.importorskip("mlx_vlm")
+    from mlx_diffgemma.bench.sidebyside import mlx_vlm_model
+
+    model = build_diffusion_model(synthetic_args("tiny"), dtype=mx.float32, seed=3)
+    theirs = mlx_vlm_model(model)
+    prompt, canvas = mx.arange(5, 45)[None], mx.arange(100, 132)[None]
+    cache = model.make_cache()
+    model.encode(prompt, cache)
+    their_cache = theirs.diffusion_prefill_cache(prompt, cache=theirs.make_cache(), attention_mask=None,
+                                                 pixel_values=None, mm_token_type_ids=None, prefill_step_size=None,
+                                                 chunk_prefill=False)
+    their_logits = theirs.diffusion_decoder_logits(canvas, their_cache)
+    assert mx.allclose(their_logits, model.denoise(canvas, cache), atol=1e-4)
