@@ -222,3 +222,35 @@ def generate(
 def chat(*, settings: Settings):
     """Chat in the terminal; the KV cache is kept between turns."""
     chat_command(settings)
+
+
+@app.command()
+def serve(
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help=f"Hugging Face repo id or local directory (default: ${MODEL_ENV} if set, else {DEFAULT_MODEL}).")] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on; the default takes local clients only.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on.")] = 8080,
+    max_batch: Annotated[Optional[int], typer.Option(
+        "--max-batch", min=1, help="Most requests denoised at once (default: as many as memory allows, at most 8).")] = None,
+    max_queue: Annotated[int, typer.Option(
+        "--max-queue", min=0, help="Requests that may wait for a slot; past it the server answers 503.")] = 64,
+    max_tokens: Annotated[Optional[int], typer.Option(
+        "--max-tokens", "-m", min=1, help="Default max_tokens of a request (default: the checkpoint's, else 256).")] = None,
+    memory_limit: Annotated[Optional[str], typer.Option(
+        "--memory-limit", callback=memory_limit_option,
+        help="Memory to plan for, e.g. 24GB (default: what the device offers).")] = None,
+    api_key: Annotated[Optional[str], typer.Option(
+        "--api-key", envvar="MLXDG_API_KEY", help="Require this key (Authorization: Bearer ...) on /v1 requests.")] = None,
+    prefix_cache: Annotated[bool, typer.Option(
+        "--prefix-cache/--no-prefix-cache", help="Keep recent conversations' KV caches and encode only what is new.")] = True,
+    cpu_dequantize: CpuDequantizeOption = CpuDequantize.auto,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+):
+    """Serve the OpenAI API (chat and text completions), batching concurrent requests."""
+    from .commands import Settings, reported
+    from .server import serve as run_server
+
+    with reported(debug):
+        run_server(Settings(model=model).model_ref, host=host, port=port, max_batch=max_batch, max_queue=max_queue,
+                   memory_limit=memory_limit, api_key=api_key, max_tokens=max_tokens, prefix_cache=prefix_cache,
+                   cpu_dequantize=CpuDequantize(cpu_dequantize).value)

@@ -51,7 +51,8 @@ CONFIGS = {
 SPECIAL_TOKENS = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 48: "<|tool_call>", 49: "<tool_call|>",
                   50: "<|tool_response>", 100: "<|channel>", 101: "<channel|>", 105: "<|turn>",
                   106: "<turn|>", 107: "\n"}
-_CHARS = list("\u2581abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-:;()")
+# The last few spell Gemma 4's tool calls (call:name{key:<|"|>value<|"|>}); they take ids that were unused.
+_CHARS = list("\u2581abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-:;(){}<>|\"_")
 # Gemma 4's non-thinking chat format, reduced to what the tiny vocabulary can spell.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
