@@ -15,6 +15,7 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import mlx.core as mx
 import numpy as np
 import openai
 import pytest
@@ -23,6 +24,7 @@ from mlx_lm.utils import load_tokenizer
 from mlx_diffgemma.loader import read_config
 from mlx_diffgemma.model import ModelArgs
 from mlx_diffgemma.server import Server, open_server
+from mlx_diffgemma.server.prefix import PrefixCache
 from mlx_diffgemma.server.protocol import Served
 from mlx_diffgemma import load
 from mlx_diffgemma.server.scheduler import Committed, DraftStep, Job, Scheduler, Started
@@ -465,3 +467,32 @@ def test_serve_command_finishes_in_flight_requests_on_sigterm(checkpoint):
         assert "stopped" in process.stderr.read()
     finally:
         process.kill()
+
+
+def test_prefix_cache_is_bounded_and_keeps_the_latest_turn(checkpoint):
+    model, _ = load(checkpoint)
+    rng = np.random.default_rng(0)
+
+    def encoded(tokens):
+        cache = model.make_cache()
+        model.encode(mx.array(tokens[None]), cache)
+        return cache
+
+    a, b = rng.integers(3, 100, 20).astype(np.int32), rng.integers(3, 100, 20).astype(np.int32)
+    probe = PrefixCache(1 << 30)
+    probe.store(a, encoded(a))
+    size = probe.bytes
+    cache = PrefixCache(int(2.5 * size), max_entries=8)
+    cache.store(a, encoded(a))
+    cache.store(b, encoded(b))
+    assert cache.lookup(np.concatenate([a, b]))[0].offset == len(a) and cache.lookup(b[:10]) is None
+    longer = np.concatenate([a, b])
+    cache.store(longer, encoded(longer))  # a's next turn replaces a; b goes for room
+    assert [len(t) for t, _, _ in cache.entries.values()] == [len(longer)] and cache.bytes <= cache.capacity
+    hit = cache.lookup(np.concatenate([longer, a]))
+    assert hit[0].offset == len(longer)
+    # Extending a copy leaves the stored entry as it was.
+    model.encode(mx.array(a[None]), hit)
+    assert cache.lookup(longer)[0].offset == len(longer)
+    stats = cache.stats()
+    assert (stats["hits"], stats["misses"], stats["entries"]) == (3, 1, 1)

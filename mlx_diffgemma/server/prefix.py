@@ -71,6 +71,10 @@ class PrefixCache:
         if key in self.entries:
             self.entries.move_to_end(key)
             return
+        # An entry this one extends was a turn of the same conversation: this one replaces it.
+        for old, (held, _, _) in list(self.entries.items()):
+            if len(held) < len(tokens) and np.array_equal(tokens[: len(held)], held):
+                self._drop(old)
         kept = [_copy_layer(layer, mx.contiguous) for layer in cache]
         mx.eval([(c.keys, c.values) for c in kept if c.keys is not None])
         size = _nbytes(kept)
@@ -82,8 +86,11 @@ class PrefixCache:
         self.bytes += size
 
     def evict_one(self) -> None:
-        _, (_, _, size) = self.entries.popitem(last=False)
-        self.bytes -= size
+        """Drop the least recently used entry."""
+        self._drop(next(iter(self.entries)))
+
+    def _drop(self, key: bytes) -> None:
+        self.bytes -= self.entries.pop(key)[2]
 
     def stats(self) -> dict:
         return {"entries": len(self.entries), "bytes": self.bytes, "capacity": self.capacity,
