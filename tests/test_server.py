@@ -435,8 +435,25 @@ def test_thinking_goes_to_reasoning_content_only_when_asked(scripted):
     chunks = list(chat(srv, stream=True, extra_body={"chat_template_kwargs": {"enable_thinking": True}}))
     assert "".join(c.choices[0].delta.model_extra.get("reasoning_content") or "" for c in chunks) == "hmm, yes"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Yes."
-    chat(srv)
-    assert tokenizer.decode(scheduler.prompts[-1].tolist()).endswith("<|channel>thought\n<channel|>")
+    chat(srv, reasoning_effort="high")
+    assert not tokenizer.decode(scheduler.prompts[-1].tolist()).endswith("<channel|>")
+    for off in ({}, {"reasoning_effort": "none"}):
+        chat(srv, **off)
+        assert tokenizer.decode(scheduler.prompts[-1].tolist()).endswith("<|channel>thought\n<channel|>")
+
+
+def test_stop_strings_cut_the_answer_even_across_blocks(scripted):
+    srv, scheduler = scripted
+    tokenizer = srv.served.tokenizer
+    scheduler.tokens = ids(tokenizer, "Hello world. And more after it.") + [1]
+    assert len(ids(tokenizer, "Hello w")) < L < len(ids(tokenizer, "Hello world"))  # the stop string spans a block
+    answer = chat(srv, stop=["world", "zzz"])
+    assert (answer.choices[0].message.content, answer.choices[0].finish_reason) == ("Hello ", "stop")
+    chunks = list(chat(srv, stop="world", stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Hello "
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert chat(srv, stop=["nowhere"]).choices[0].message.content == "Hello world. And more after it."
+    assert raw(srv, "POST", "/v1/chat/completions", {"messages": HELLO, "stop": [1]})[0] == 400
 
 
 # -- the command ----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Iterator
 
 from ..memory import InsufficientMemory
-from .protocol import ApiError, Delta, Reply, Responder, parse, usage
+from .protocol import ApiError, Delta, Reply, Responder, StopWatch, parse, usage
 from .scheduler import Committed, DraftStep, Failed, Job, QueueFull, ShuttingDown, Started
 
 log = logging.getLogger("mlxdg.server")
@@ -130,6 +130,7 @@ class Handler(BaseHTTPRequestHandler):
             except ShuttingDown as e:
                 raise ApiError(503, str(e), code="shutting_down") from None
         except ApiError as e:
+            log.info("refused %s: %d %s", self.path, e.status, e.message)
             return self._error(e)
         try:
             (self._stream if request.stream else self._complete)(request, job, Responder(request, self.app.served))
@@ -172,7 +173,8 @@ class Handler(BaseHTTPRequestHandler):
         return ApiError(503, "the request was cancelled: the server is shutting down", code="shutting_down")
 
     def _complete(self, request, job: Job, responder: Responder) -> None:
-        reply, answer, cached = Reply(self.app.served, request.config.eos_token_id), Delta(), 0
+        reply, watch, answer, cached = Reply(self.app.served, request.config.eos_token_id), StopWatch(request.stop), \
+            Delta(), 0
         for event in self._events(job):
             if isinstance(event, Started):
                 cached = event.cached_tokens
@@ -180,17 +182,19 @@ class Handler(BaseHTTPRequestHandler):
                 return self._error(self._failure(event))
             elif isinstance(event, Committed):
                 delta = reply.add(event.tokens, last=event.finish is not None)
-                answer.content += delta.content
+                answer.content += watch.feed(delta.content, last=event.finish is not None)
                 answer.reasoning += delta.reasoning
                 answer.tool_texts += delta.tool_texts
-                if event.finish is not None:
-                    finish = responder.finish_reason(event.finish, reply)
-                    self._json(200, responder.response(answer, finish, usage(len(job.prompt), job.completion_tokens,
-                                                                             cached)))
+                if event.finish is not None or watch.hit:
+                    if watch.hit:
+                        job.cancel()
+                    finish = responder.finish_reason("stop" if watch.hit else event.finish, reply)
+                    return self._json(200, responder.response(
+                        answer, finish, usage(len(job.prompt), job.completion_tokens, cached)))
 
     def _stream(self, request, job: Job, responder: Responder) -> None:
         self._headers(200, "text/event-stream", {"Cache-Control": "no-cache"})
-        reply, cached = Reply(self.app.served, request.config.eos_token_id), 0
+        reply, watch, cached = Reply(self.app.served, request.config.eos_token_id), StopWatch(request.stop), 0
         tokenizer = self.app.served.tokenizer
         for event in self._events(job):
             if isinstance(event, Started):
@@ -203,10 +207,14 @@ class Handler(BaseHTTPRequestHandler):
                 self._sse(self._failure(event).body())
             elif isinstance(event, Committed):
                 delta = reply.add(event.tokens, last=event.finish is not None)
-                if event.finish is None:
+                delta.content = watch.feed(delta.content, last=event.finish is not None)
+                if event.finish is None and not watch.hit:
                     if delta:
                         self._sse(responder.chunk(delta))
                     continue
-                finish = responder.finish_reason(event.finish, reply)
+                if watch.hit:
+                    job.cancel()
+                finish = responder.finish_reason("stop" if watch.hit else event.finish, reply)
                 self._sse(responder.chunk(delta, finish, usage(len(job.prompt), job.completion_tokens, cached)))
+                break
         self._sse("[DONE]")

@@ -25,17 +25,19 @@ _NO_OP = {
     "temperature": (None,), "top_p": (None, 1, 1.0), "top_k": (None, 0, -1), "min_p": (None, 0, 0.0),
     "logprobs": (None, False), "top_logprobs": (None, 0), "n": (None, 1), "best_of": (None, 1),
     "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "repetition_penalty": (None, 0, 1),
-    "logit_bias": (None, {}), "stop": (None, "", []), "echo": (None, False), "suffix": (None, ""),
+    "logit_bias": (None, {}), "echo": (None, False), "suffix": (None, ""),
     "response_format": (None, {"type": "text"}),
 }
 _WHY = {
     "temperature": "the diffusion sampler's temperature falls from t_max to t_min over each block's steps; "
                    "set t_max and t_min instead",
     "response_format": "structured output is not supported by the diffusion sampler",
-    "stop": "stop sequences are not supported; the answer ends at the model's end-of-turn token",
     "n": "one choice per request (n=1); send several requests, they are batched",
     "best_of": "one choice per request",
 }
+
+# The model thinks or not; it has no degrees of effort.
+_EFFORTS = {"none": False, "minimal": False, "low": True, "medium": True, "high": True}
 
 # Stands for the model's answer when rendering a conversation, to find where the answer goes.
 _ANSWER = "MLXDG-ANSWER-MARKER"
@@ -102,6 +104,7 @@ class Request:
     stream: bool = False
     drafts: bool = False
     tools: Optional[list] = None
+    stop: tuple = ()
 
 
 _KINDS = {bool: "a boolean", int: "an integer", float: "a number"}
@@ -164,7 +167,18 @@ def parse(kind: str, body, served: Served) -> Request:
                             f"{needed} positions, but the model has {served.args.max_position_embeddings}; "
                             "shorten the prompt or lower max_tokens", param="messages" if kind == "chat" else "prompt",
                        code="context_length_exceeded")
-    return Request(kind, request_id, model or served.id, prompt, prefix, config, seed, stream, drafts, tools)
+    return Request(kind, request_id, model or served.id, prompt, prefix, config, seed, stream, drafts, tools,
+                   _stop_sequences(body))
+
+
+def _stop_sequences(body: dict) -> tuple:
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop is None:
+        return ()
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
+        raise ApiError(400, "stop must be a string or a list of up to 4 strings", param="stop")
+    return tuple(s for s in stop if s)
 
 
 def _chat_prompt(body: dict, served: Served):
@@ -187,6 +201,11 @@ def _chat_prompt(body: dict, served: Served):
         raise ApiError(400, "chat_template_kwargs must be an object", param="chat_template_kwargs")
     extra = dict(extra)
     think = bool(extra.pop("enable_thinking", False))
+    effort = body.get("reasoning_effort")  # OpenAI's name for it: any effort turns thinking on
+    if effort is not None:
+        if effort not in _EFFORTS:
+            raise ApiError(400, f"reasoning_effort must be one of {', '.join(_EFFORTS)}", param="reasoning_effort")
+        think = _EFFORTS[effort]
     try:
         process_message_content(messages)
     except (ValueError, KeyError, TypeError) as e:
@@ -293,6 +312,30 @@ class Reply:
         self.channel += self.thought.last_segment
         self.made_tool_call = self.made_tool_call or bool(tools)
         return Delta(self.content.last_segment, self.thinking[len(shown):], tools)
+
+
+class StopWatch:
+    """Cuts the answer text before the first of the ``stop`` strings. Text
+    that may be the start of one is held back until the next block shows."""
+
+    def __init__(self, stop: tuple):
+        self.stop = stop
+        self.held = ""
+        self.hit = False
+
+    def feed(self, text: str, last: bool) -> str:
+        """What of the text so far can be sent; ``hit`` once a stop string showed."""
+        if not self.stop:
+            return text
+        self.held += text
+        found = [i for i in (self.held.find(s) for s in self.stop) if i >= 0]
+        if found:
+            self.hit, out, self.held = True, self.held[: min(found)], ""
+            return out
+        keep = 0 if last else max(len(s) for s in self.stop) - 1
+        cut = len(self.held) - keep
+        out, self.held = self.held[:cut], self.held[cut:]
+        return out
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
