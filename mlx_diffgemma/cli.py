@@ -233,7 +233,7 @@ def serve(
     max_batch: Annotated[Optional[int], typer.Option(
         "--max-batch", min=1, help="Most requests denoised at once (default: as many as memory allows, at most 8).")] = None,
     max_queue: Annotated[int, typer.Option(
-        "--max-queue", min=0, help="Requests that may wait for a slot; past it the server answers 503.")] = 64,
+        "--max-queue", min=1, help="Requests that may wait for a slot; past it the server answers 503.")] = 64,
     max_tokens: Annotated[Optional[int], typer.Option(
         "--max-tokens", "-m", min=1, help="Default max_tokens of a request (default: the checkpoint's, else 256).")] = None,
     memory_limit: Annotated[Optional[str], typer.Option(

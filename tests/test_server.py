@@ -170,7 +170,7 @@ def test_conversation_reuses_the_cache_and_matches_a_cold_run(server, checkpoint
 
 
 def test_concurrent_clients_each_get_their_alone_answer(server, log_lines):
-    requests = [dict(messages=[{"role": "user", "content": f"question {i}" + "!" * i}], seed=i, max_tokens=3 * L)
+    requests = [dict(messages=[{"role": "user", "content": f"question {i}" + "!" * i}], seed=i, max_tokens=4 * L)
                 for i in range(8)]
     alone = [chat(server, **r) for r in requests]
     with ThreadPoolExecutor(8) as pool:

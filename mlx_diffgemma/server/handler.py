@@ -134,7 +134,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(e)
         try:
             (self._stream if request.stream else self._complete)(request, job, Responder(request, self.app.served))
-        except (ClientGone, BrokenPipeError, ConnectionResetError):
+        except (ClientGone, OSError):  # gone, reset, or too slow to read (the socket's timeout)
             job.cancel()
 
     def _body(self):
