@@ -1,33 +1,32 @@
-"""Continuous batching for the server: one thread owns the model and denoises
-every admitted request's canvas in the same passes.
+"""Continuous batching for the server: one thread owns the model and runs
+the engine (``engine.Denoiser``) over every admitted request, so their
+canvases share each denoising pass.
 
 Requests wait in a bounded queue (``QueueFull`` past it) and join the running
 batch at the next block boundary, up to ``max_batch`` and what the memory
 planner fits next to the prefix cache. Rows in one pass share the sampler's
-schedule, so a request whose sampler settings differ from the running batch's
-waits until that batch drains, and nothing behind it overtakes it (FIFO).
-
-A request's randomness is keyed by (seed, block, step), so its answer does
-not depend on what else is in the batch, and a cancelled request leaves the
-batch at the next denoising step.
+settings (the engine's run has one), so a request whose settings differ from
+the running batch's waits until that batch drains, and nothing behind it
+overtakes it (FIFO). Each request draws from its own seeded noise, so its
+answer does not depend on what else is in the batch; a cancelled request
+leaves the batch at the next denoising step.
 """
 
 import logging
-import math
 import queue
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, fields
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional
 
 import mlx.core as mx
 import numpy as np
 
-from ..cache import BatchedContext
-from ..generate import denoise_step
+from ..engine import Committed as Round
+from ..engine import Denoiser, Draft, Request, RequestQueue
 from ..memory import device_budget, largest_context, plan, weight_bytes
-from ..sampler import SamplerConfig, empty_history, temperatures
+from ..sampler import MLXNoise, SamplerConfig
 from .prefix import PrefixCache
 
 log = logging.getLogger("mlxdg.server")
@@ -96,15 +95,17 @@ class Job:
     most_shared: int = 0
     submitted: float = field(default_factory=time.perf_counter)
     finish: Optional[str] = None
+    request: Optional[Request] = None  # the engine's, once admitted
 
     def cancel(self) -> None:
         self.cancelled.set()
+        if self.request is not None:
+            self.request.cancel()
 
     @property
     def sampler_key(self) -> tuple:
-        """What rows denoised in one pass must share: everything but the length and stop tokens."""
-        return tuple(getattr(self.config, f.name) for f in fields(SamplerConfig)
-                     if f.name not in ("max_new_tokens", "eos_token_id", "pad_token_id"))
+        """What requests denoised in one pass must share: all their settings but the length."""
+        return tuple(getattr(self.config, f.name) for f in fields(SamplerConfig) if f.name != "max_new_tokens")
 
     def log_line(self) -> str:
         seconds = time.perf_counter() - self.submitted
@@ -114,33 +115,18 @@ class Job:
                 f"batch={batch:.1f}/{self.most_shared} seconds={seconds:.2f} finish={self.finish}")
 
 
-def _key(seed: int, block: int, step: int, kind: int) -> mx.array:
-    """The random key of one draw of one request."""
-    state = np.random.SeedSequence([seed, block, step, kind]).generate_state(2, np.uint32)
-    return mx.random.key(int(state[0]) << 32 | int(state[1]))
+class _Admission(RequestQueue):
+    """The engine's view of the waiting jobs during a run with sampler settings ``key``."""
 
+    def __init__(self, scheduler: "Scheduler", key: tuple):
+        super().__init__()
+        self.scheduler, self.key = scheduler, key
 
-class KeyedNoise:
-    """A ``NoiseSource`` whose draws are keyed by (request seed, block, step):
-    ``seeds[row]`` is the seed of batch row ``row``."""
+    def take(self, n: int) -> List[Request]:
+        return self.scheduler._take(n, self.key)
 
-    def __init__(self, seeds: Sequence[int]):
-        self.seeds = list(seeds)
-
-    def canvas(self, rows, length, vocab_size, *, block, step):
-        return mx.concatenate([mx.random.randint(0, vocab_size, (1, length), key=_key(self.seeds[r], block, step, 0))
-                               for r in rows])
-
-    def proposal(self, logits, rows, *, block, step):
-        return mx.concatenate([mx.random.categorical(logits[i : i + 1], key=_key(self.seeds[r], block, step, 1))
-                               for i, r in enumerate(rows)])
-
-
-@dataclass
-class _Row:
-    job: Job
-    cache: list
-    block: int = 0  # the request's own block index
+    def __len__(self) -> int:
+        return len(self.scheduler.waiting)
 
 
 class Scheduler:
@@ -158,7 +144,8 @@ class Scheduler:
         self.model = None
         self.prefix_cache: Optional[PrefixCache] = None
         self.waiting: deque = deque()
-        self.active: List[_Row] = []
+        self.active: Dict[Request, Job] = {}  # admitted, not finished
+        self._logits_rows = 1
         self._wake = threading.Condition()
         self._stopping = False
         self._ready = threading.Event()
@@ -189,8 +176,8 @@ class Scheduler:
         with self._wake:
             self._stopping = True
             if cancel_active:
-                for row in list(self.active):
-                    row.job.cancel()
+                for job in list(self.active.values()):
+                    job.cancel()
             while self.waiting:
                 self.waiting.popleft().events.put(Failed(ShuttingDown("the server is shutting down")))
             self._wake.notify()
@@ -218,7 +205,6 @@ class Scheduler:
     def _run(self) -> None:
         try:
             self.model = self._load()
-            self.L = self.model.args.canvas_length
             self.weights = weight_bytes(self.model)
             self.dtype_bytes = self.model.dtype.size
             if self.use_prefix_cache:
@@ -229,21 +215,24 @@ class Scheduler:
             return
         self._ready.set()
         while True:
-            self._admit()
-            if not self.active:
-                with self._wake:
-                    if self._stopping and not self.waiting:
-                        return
-                    if not self.waiting:
-                        self._wake.wait(timeout=0.5)
-                continue
+            with self._wake:
+                while not self.waiting and not self._stopping:
+                    self._wake.wait(timeout=0.5)
+                if not self.waiting:
+                    return
+                head = self.waiting[0]
+            # One engine run per sampler setting: it ends when no request with that setting is left.
+            memory = self._plan([self._context(head)], self._cached_bytes())
+            self._logits_rows = memory.logits_rows(self.max_batch)
+            denoiser = Denoiser(self.model, head.config, MLXNoise(), self._logits_rows)
             try:
-                self._block()
-            except Exception as e:  # a fault in one block fails its requests, not the server
-                log.exception("block failed")
-                for row in self.active:
-                    self._finish(row.job, Failed(e))
-                self.active = []
+                for event in denoiser.run(_Admission(self, head.sampler_key), self.max_batch):
+                    (self._draft if isinstance(event, Draft) else self._commit)(event)
+            except Exception as e:  # a fault fails the requests it hit, not the server
+                log.exception("generation failed")
+                for job in list(self.active.values()):
+                    self._finish(job, Failed(e))
+                self.active.clear()
 
     def _generated_context(self, max_new_tokens: int) -> int:
         return largest_context([0], max_new_tokens, self.model.args.canvas_length)
@@ -252,64 +241,74 @@ class Scheduler:
         """The planner's view of rows with these contexts, beside ``cached_bytes`` of prefix cache."""
         return plan(self.model.args, self.weights, max(contexts), self.dtype_bytes, self.budget - cached_bytes)
 
+    def _cached_bytes(self) -> int:
+        return self.prefix_cache.bytes if self.prefix_cache else 0
+
     def _prefix_capacity(self) -> int:
         """What the planner leaves beside a full batch of 4096-token requests."""
         memory = self._plan([4096], 0)
-        free = memory.budget - memory.peak(self.max_batch, memory.logits_rows(self.max_batch))
-        return max(free, 0)
+        return max(memory.budget - memory.peak(self.max_batch, memory.logits_rows(self.max_batch)), 0)
 
     def _context(self, job: Job) -> int:
         return len(job.prompt) + self._generated_context(job.config.max_new_tokens)
 
-    def _admit(self) -> None:
-        """At a block boundary: take waiting requests (oldest first, same sampler settings) while they fit."""
-        while True:
+    def _take(self, n: int, key: tuple) -> List[Request]:
+        """At a block boundary: up to ``n`` waiting requests (oldest first, sampler settings ``key``) that fit."""
+        taken = []
+        while len(taken) < n:
             with self._wake:
-                if not self.waiting or len(self.active) >= self.max_batch:
-                    return
+                if not self.waiting:
+                    break
                 job = self.waiting[0]
                 if job.cancelled.is_set():
                     self.waiting.popleft()
                     job.finish = "cancelled"
                     log.info(job.log_line())
                     continue
-                if self.active and job.sampler_key != self.active[0].job.sampler_key:
-                    return
-                contexts = [self._context(r.job) for r in self.active] + [self._context(job)]
-                if not self._fits(contexts):
-                    return
+                if job.sampler_key != key or not self._fits([self._context(j) for j in self.active.values()]
+                                                            + [self._context(job)]):
+                    break
                 self.waiting.popleft()
             try:
-                self.active.append(self._prefill(job))
+                request = self._prefill(job)
             except Exception as e:
                 log.exception("prefill failed")
                 self._finish(job, Failed(e))
+                continue
+            self.active[request] = job
+            taken.append(request)
+        return taken
 
     def _fits(self, contexts: List[int]) -> bool:
-        """Whether these rows fit, evicting prefix-cache entries for them if need be."""
+        """Whether these rows fit with the run's logits rows, evicting prefix-cache entries for them if need be."""
         while True:
-            cached = self.prefix_cache.bytes if self.prefix_cache else 0
-            if self._plan(contexts, cached).max_canvases >= len(contexts):
+            memory = self._plan(contexts, self._cached_bytes())
+            if memory.peak(len(contexts), min(len(contexts), self._logits_rows)) <= memory.budget:
                 return True
-            if not cached:
+            if not self._cached_bytes():
                 return len(contexts) == 1  # alone it was checked at submission; run it anyway
             self.prefix_cache.evict_one()
 
-    def _prefill(self, job: Job) -> _Row:
-        """The request's cache: the longest cached prefix of its prompt, then the rest encoded."""
+    def _prefill(self, job: Job) -> Request:
+        """The engine's request: the longest cached prefix of the prompt, the
+        prompt encoded up to ``job.prefix`` and kept for later requests, and
+        the rest (at least one token) left to the engine."""
         model, prompt = self.model, job.prompt
-        hit = self.prefix_cache.lookup(prompt) if self.prefix_cache else None
+        last = len(prompt) - 1
+        hit = self.prefix_cache.lookup(prompt[:last]) if self.prefix_cache else None
         cache = hit if hit is not None else model.make_cache()
-        job.cached_tokens = cache[0].offset
-        position = job.cached_tokens
-        if self.prefix_cache is not None and position < job.prefix:
-            model.encode(mx.array(prompt[None, position : job.prefix]), cache)
-            self.prefix_cache.store(prompt[: job.prefix], cache)
-            position = job.prefix
-        if position < len(prompt):
-            model.encode(mx.array(prompt[None, position:]), cache)
+        job.cached_tokens = position = cache[0].offset
+        prefix = min(job.prefix, last)
+        if self.prefix_cache is not None and position < prefix:
+            model.encode(mx.array(prompt[None, position:prefix]), cache)
+            self.prefix_cache.store(prompt[:prefix], cache)
+            position = prefix
+        job.request = Request(prompt[position:], max_new_tokens=job.config.max_new_tokens, noise=MLXNoise(job.seed),
+                              cache=cache)
+        if job.cancelled.is_set():
+            job.request.cancel()
         job.events.put(Started(job.cached_tokens))
-        return _Row(job, cache)
+        return job.request
 
     def _finish(self, job: Job, event) -> None:
         if isinstance(event, Failed):
@@ -317,79 +316,33 @@ class Scheduler:
         job.events.put(event)
         log.info(job.log_line())
 
-    def _block(self) -> None:
-        """Denoise one block of every active row, commit it and encode it for the rows that go on."""
-        model, rows = self.model, self.active
-        L, V = self.L, model.args.vocab_size
-        config = rows[0].job.config
-        n = len(rows)
-        memory = self._plan([self._context(r.job) for r in rows], self.prefix_cache.bytes if self.prefix_cache else 0)
-        logits_rows = memory.logits_rows(n)
-        noise = KeyedNoise([r.job.seed for r in rows])
-        blocks = np.array([r.block for r in rows])
-        context = BatchedContext([r.cache for r in rows])
-        result = np.zeros((n, L), dtype=np.int64)
-        steps = np.zeros(n, dtype=np.int64)
-        going = np.arange(n)  # rows still denoising, by position in ``rows``
-        view = context
-        canvas = mx.concatenate([noise.canvas([r], L, V, block=int(blocks[r]), step=0) for r in going])
-        soft, history = None, empty_history(config, n, L)
-        schedule = temperatures(config)
-        cancelled = np.zeros(n, dtype=bool)
-        for step, temperature in enumerate(schedule, start=1):
-            out = denoise_step(model, view, canvas, soft, history, config, temperature, noise,
-                               going.tolist(), blocks[going].tolist(), step, logits_rows=logits_rows,
-                               last=step == len(schedule))
-            argmax = np.array(out.argmax)
-            result[going] = argmax
-            steps[going] += 1
-            for i, r in enumerate(going):
-                job = rows[r].job
-                job.passes += 1
-                job.shared += len(going)
-                job.most_shared = max(job.most_shared, len(going))
-                if job.drafts:
-                    job.events.put(DraftStep(rows[r].block, step, argmax[i].copy()))
-            cancelled[going] = [rows[r].job.cancelled.is_set() for r in going]
-            leave = out.stop | cancelled[going]
-            if leave.all():
-                break
-            canvas, history, soft = out.canvas, out.history, out.soft_embeddings
-            if leave.any():
-                keep = np.flatnonzero(~leave)
-                index = mx.array(keep)
-                canvas, history = canvas[index], history[:, index]
-                if soft is not None:
-                    # ``soft`` holds the rows that did not stop, in order; keep the uncancelled ones.
-                    soft = soft[mx.array(np.flatnonzero(~cancelled[going][~out.stop]))]
-                going = going[keep]
-                view = context.take(going.tolist())
+    def _draft(self, draft: Draft) -> None:
+        """A denoising step: count the canvases it shared, and pass the drafts on."""
+        going = np.flatnonzero(draft.accepted > 0)  # rows in this step's pass (a row accepts at least one)
+        for i in going:
+            job = self.active[draft.requests[i]]
+            job.passes += 1
+            job.shared += len(going)
+            job.most_shared = max(job.most_shared, len(going))
+            if job.drafts:
+                job.events.put(DraftStep(draft.row_blocks[i], draft.step, draft.canvas[i].copy()))
 
-        go_on = []
-        for r, row in enumerate(rows):
-            job = row.job
-            job.steps += int(steps[r])
-            if cancelled[r] or job.cancelled.is_set():
-                job.finish = "cancelled"
-                self._finish(job, Committed(np.zeros(0, dtype=np.int64), int(steps[r]), "cancelled"))
-                continue
-            job.blocks += 1
-            tokens = result[r, : job.config.max_new_tokens - row.block * L]
-            eos = np.flatnonzero(np.isin(tokens, job.config.eos_token_id or ()))
-            job.completion_tokens += int(eos[0]) + 1 if len(eos) else len(tokens)
-            finish = "stop" if len(eos) else ("length" if row.block == _blocks(job, L) - 1 else None)
-            if finish is None:
-                job.events.put(Committed(tokens, int(steps[r]), None))
-                go_on.append(r)
+    def _commit(self, event: Round) -> None:
+        """A committed block of each row: pass it on; a finished request leaves."""
+        for i, request in enumerate(event.requests):
+            job = self.active[request]
+            job.steps += int(event.steps[i])
+            tokens = event.tokens[i, : event.kept[i]]
+            if event.cancelled[i]:
+                finish, tokens = "cancelled", tokens[:0]
             else:
-                job.finish = finish
-                self._finish(job, Committed(tokens, int(steps[r]), finish))
-        if go_on:
-            model.encode(mx.array(result[go_on]), context.take(go_on))
-        self.active = [rows[r] for r in go_on]
-        for row in self.active:
-            row.block += 1
-
-
-def _blocks(job: Job, canvas_length: int) -> int:
-    return math.ceil(job.config.max_new_tokens / canvas_length)
+                job.blocks += 1
+                eos = np.flatnonzero(np.isin(tokens, job.config.eos_token_id or ()))
+                job.completion_tokens += int(eos[0]) + 1 if len(eos) else len(tokens)
+                finish = ("stop" if event.eos[i] else "length") if event.finished[i] else None
+            if finish is None:
+                job.events.put(Committed(tokens, int(event.steps[i]), None))
+                continue
+            del self.active[request]
+            job.finish = finish
+            self._finish(job, Committed(tokens, int(event.steps[i]), finish))
