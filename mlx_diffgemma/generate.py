@@ -505,21 +505,24 @@ class _AnswerText:
 
     def add(self, tokens, last: bool) -> Tuple[str, str]:
         """The new (answer, thinking) text of a committed block."""
-        m = self.markers
         self.generated = 0
         for token in map(int, tokens):
             if self.ended:
                 break
             self.generated += 1
-            if token in m.eos:
-                self.ended = True
-            elif token == m.channel_open:
-                self.in_channel = True
-            elif token == m.channel_close:
-                self.in_channel = False
-            elif token not in m.special:
-                (self.thought if self.in_channel else self.answer).add_token(token)
+            self._take(token)
         if last or self.ended:
             self.answer.finalize()
             self.thought.finalize()
         return self.answer.last_segment, self.thought.last_segment
+
+    def _take(self, token: int) -> None:
+        m = self.markers
+        if token in m.eos:
+            self.ended = True
+        elif token == m.channel_open:
+            self.in_channel = True
+        elif token == m.channel_close:
+            self.in_channel = False
+        elif token not in m.special:
+            (self.thought if self.in_channel else self.answer).add_token(token)

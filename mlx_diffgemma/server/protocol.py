@@ -2,6 +2,7 @@
 engine runs, and turning committed tokens into responses and stream chunks
 (the shapes mlx-lm's server uses, with ``reasoning_content`` for thinking)."""
 
+import copy
 import secrets
 import time
 import uuid
@@ -11,7 +12,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 from mlx_lm.server import ToolCallFormatter, process_message_content
 
-from ..generate import CHANNEL_NAME, _TextMarkers
+from ..generate import CHANNEL_NAME, _AnswerText, _TextMarkers
 from ..memory import largest_context
 from ..model import ModelArgs
 from ..sampler import SamplerConfig
@@ -259,59 +260,52 @@ class Delta:
         return bool(self.content or self.reasoning or self.tool_texts)
 
 
-class Reply:
-    """One answer's committed tokens as text: nothing after the first
-    end-of-sequence token, the thinking channel apart (without its name),
-    tool calls apart (their raw text, for the tool parser), special tokens
-    dropped; mlx-lm's streaming detokenizers do the decoding."""
+class Reply(_AnswerText):
+    """One answer's committed tokens as text, as ``generate`` makes it
+    (nothing after the first end-of-sequence token, the thinking channel
+    apart, special tokens dropped), with the tool calls apart too: their raw
+    text, for the tool parser."""
 
     def __init__(self, served: Served, eos_token_id=None):
+        markers = served.markers
+        if eos_token_id is not None:
+            markers = copy.copy(markers)
+            markers.eos = set(eos_token_id)
+        super().__init__(served.tokenizer, markers)
         self.served = served
-        self.eos = set(served.sampler.eos_token_id or () if eos_token_id is None else eos_token_id)
-        self.content = served.tokenizer.detokenizer
-        self.thought = served.tokenizer.detokenizer
         self.channel = ""  # as generated: it opens with CHANNEL_NAME
-        self.in_channel = False
         self.tool: Optional[List[int]] = None  # the tokens of an open tool call
-        self.ended = False
+        self.tools: List[str] = []
         self.made_tool_call = False
 
     @property
     def thinking(self) -> str:
         return "" if CHANNEL_NAME.startswith(self.channel) else self.channel.removeprefix(CHANNEL_NAME)
 
+    def _take(self, token: int) -> None:
+        s = self.served
+        if token in self.markers.eos or (self.tool is None and token != s.tool_start):
+            super()._take(token)
+        elif self.tool is None:
+            self.tool = []
+        elif token == s.tool_end:
+            self._close_tool_call()
+        else:
+            self.tool.append(token)
+
+    def _close_tool_call(self) -> None:
+        self.tools.append(self.served.tokenizer.decode(self.tool))
+        self.tool = None
+        self.made_tool_call = True
+
     def add(self, tokens, last: bool) -> Delta:
-        s, m = self.served, self.served.markers
-        tools = []
-        for token in map(int, tokens):
-            if self.ended:
-                break
-            if token in self.eos:
-                self.ended = True
-            elif self.tool is not None:
-                if token == s.tool_end:
-                    tools.append(s.tokenizer.decode(self.tool))
-                    self.tool = None
-                else:
-                    self.tool.append(token)
-            elif token == s.tool_start and s.tool_start is not None:
-                self.tool = []
-            elif token == m.channel_open:
-                self.in_channel = True
-            elif token == m.channel_close:
-                self.in_channel = False
-            elif token not in m.special:
-                (self.thought if self.in_channel else self.content).add_token(token)
-        if last or self.ended:
-            self.content.finalize()
-            self.thought.finalize()
-            if self.tool:  # cut off by max_tokens: the parser may still read it
-                tools.append(s.tokenizer.decode(self.tool))
-                self.tool = None
         shown = self.thinking
-        self.channel += self.thought.last_segment
-        self.made_tool_call = self.made_tool_call or bool(tools)
-        return Delta(self.content.last_segment, self.thinking[len(shown):], tools)
+        content, thought = super().add(tokens, last)
+        if (last or self.ended) and self.tool:  # cut off by max_tokens: the parser may still read it
+            self._close_tool_call()
+        self.channel += thought
+        tools, self.tools = self.tools, []
+        return Delta(content, self.thinking[len(shown):], tools)
 
 
 class StopWatch:
