@@ -523,3 +523,13 @@ def test_prefix_cache_is_bounded_and_keeps_the_latest_turn(checkpoint):
     assert cache.lookup(longer)[0].offset == len(longer)
     stats = cache.stats()
     assert (stats["hits"], stats["misses"], stats["entries"]) == (3, 1, 1)
+
+
+def test_serve_bench_on_a_tiny_synthetic_model(tmp_path, capsys):
+    from mlx_diffgemma.bench.serve import main
+
+    assert main(["--synthetic", "tiny", "--clients", "1,2", "--gen-tokens", "40", "--rounds", "1",
+                 "--json", str(tmp_path / "serve.json")]) == 0
+    records = json.loads((tmp_path / "serve.json").read_text())["records"]
+    assert [(r["clients"], r["requests"], r["completion_tokens"]) for r in records] == [(1, 1, 40), (2, 2, 80)]
+    assert "tok/s" in capsys.readouterr().out
