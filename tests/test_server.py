@@ -26,7 +26,7 @@ from mlx_diffgemma.model import ModelArgs
 from mlx_diffgemma.server import Server, open_server
 from mlx_diffgemma.server.prefix import PrefixCache
 from mlx_diffgemma.server.protocol import Served
-from mlx_diffgemma import generate, load
+from mlx_diffgemma import batch_generate, load
 from mlx_diffgemma.server.scheduler import Committed, DraftStep, Job, Scheduler, Started
 from mlx_diffgemma.sampler import SamplerConfig
 
@@ -141,9 +141,9 @@ def test_a_seeded_answer_is_the_python_apis(server, checkpoint):
     model, tokenizer = load(checkpoint)
     ids = tokenizer.apply_chat_template(HELLO, add_generation_prompt=True, enable_thinking=False)
     for seed in (4, 7):
-        expected = generate(model, tokenizer, ids, seed=seed, max_new_tokens=3 * L)
+        expected = batch_generate(model, tokenizer, [ids], seed=seed, max_tokens=3 * L)
         answer = chat(server, seed=seed, max_tokens=3 * L)
-        assert answer.choices[0].message.content == expected.text
+        assert answer.choices[0].message.content == expected.texts[0]
         assert answer.choices[0].finish_reason == expected.finish_reasons[0]
 
 
