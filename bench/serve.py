@@ -13,6 +13,7 @@ compute-bound, while each request's latency grows with what it shares.
 import argparse
 import http.client
 import json
+import logging
 import statistics
 import sys
 import threading
@@ -72,7 +73,7 @@ def _request(url_host, url_port, body) -> tuple:
         if not line.startswith(b"data: ") or line == b"data: [DONE]":
             continue
         chunk = json.loads(line[6:])
-        if chunk["choices"] and first is None:
+        if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
             first = time.perf_counter() - start
         if chunk.get("usage"):
             tokens = chunk["usage"]["completion_tokens"]
@@ -123,7 +124,11 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=8, help="fixed denoising steps per block")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", dest="json_path", default=None)
+    parser.add_argument("--log", action="store_true", help="print the server's line per request to stderr")
     args = parser.parse_args(argv)
+    if args.log:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     counts = [int(c) for c in args.clients.split(",")]
     model_args = synthetic_args(args.synthetic, args.layers)
     import mlx.core as mx

@@ -131,8 +131,8 @@ class _Admission(RequestQueue):
 
 class Scheduler:
     """Owns the model on its own thread (``start``/``stop``); ``submit``
-    queues a ``Job``. ``load`` builds the model in that thread, as MLX
-    arrays are best created and used on one."""
+    queues a ``Job``. ``load`` builds the model on that thread: MLX streams
+    belong to a thread, and a model loaded on another fails there."""
 
     def __init__(self, load: Callable[[], object], *, max_batch: int, max_queue: int = 64,
                  memory_limit=None, prefix_cache: bool = True):
