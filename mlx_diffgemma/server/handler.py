@@ -199,7 +199,8 @@ class Handler(BaseHTTPRequestHandler):
         for event in self._events(job):
             if isinstance(event, Started):
                 cached = event.cached_tokens
-                self._sse(responder.chunk(None, role=True))
+                if request.kind == "chat":
+                    self._sse(responder.chunk(None, role=True))
             elif isinstance(event, DraftStep):
                 self._sse(responder.draft(event.block, event.step,
                                           tokenizer.decode(event.canvas.tolist(), skip_special_tokens=True)))

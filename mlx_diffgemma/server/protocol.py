@@ -33,6 +33,8 @@ _WHY = {
     "temperature": "the diffusion sampler's temperature falls from t_max to t_min over each block's steps; "
                    "set t_max and t_min instead",
     "response_format": "structured output is not supported by the diffusion sampler",
+    **{name: "the sampler draws every position from the whole tempered distribution; entropy_bound sets how "
+             "much of a canvas a step accepts" for name in ("top_p", "top_k", "min_p")},
     "n": "one choice per request (n=1); send several requests, they are batched",
     "best_of": "one choice per request",
 }
