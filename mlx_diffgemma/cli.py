@@ -244,6 +244,9 @@ def serve(
     prefix_cache: Annotated[bool, typer.Option(
         "--prefix-cache/--no-prefix-cache", help="Keep recent conversations' KV caches and encode only what is new.")] = True,
     cpu_dequantize: CpuDequantizeOption = CpuDequantize.auto,
+    exact: SETTINGS_OPTIONS["exact"] = True,
+    sc_top_k: SETTINGS_OPTIONS["sc_top_k"] = None,
+    canvas: SETTINGS_OPTIONS["canvas"] = Settings.canvas,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ):
     """Serve the OpenAI API (chat and text completions), batching concurrent requests."""
@@ -253,4 +256,5 @@ def serve(
     with reported(debug):
         run_server(Settings(model=model).model_ref, host=host, port=port, max_batch=max_batch, max_queue=max_queue,
                    memory_limit=memory_limit, api_key=api_key, max_tokens=max_tokens, prefix_cache=prefix_cache,
-                   cpu_dequantize=CpuDequantize(cpu_dequantize).value)
+                   cpu_dequantize=CpuDequantize(cpu_dequantize).value, exact=exact, sc_top_k=sc_top_k,
+                   canvas=CanvasChoice(canvas).value)

@@ -147,6 +147,19 @@ def test_a_seeded_answer_is_the_python_apis(server, checkpoint):
         assert answer.choices[0].finish_reason == expected.finish_reasons[0]
 
 
+def test_the_fast_path_serves_the_python_apis_fast_answer(checkpoint):
+    model, tokenizer = load(checkpoint)
+    ids = tokenizer.apply_chat_template(HELLO, add_generation_prompt=True, enable_thinking=False)
+    expected = batch_generate(model, tokenizer, [ids], seed=1, max_tokens=3 * L, exact=False, top_k=5)
+    exact = batch_generate(model, tokenizer, [ids], seed=1, max_tokens=3 * L)
+    assert expected.texts != exact.texts  # what this case is for
+    fast = started(checkpoint, exact=False, sc_top_k=5)
+    try:
+        assert chat(fast, seed=1, max_tokens=3 * L).choices[0].message.content == expected.texts[0]
+    finally:
+        fast.close()
+
+
 def test_text_completions(server):
     c = client(server)
     whole = c.completions.create(model=server.served.id, prompt="abc de", seed=2, max_tokens=10)

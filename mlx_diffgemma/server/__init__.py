@@ -60,9 +60,12 @@ class Server:
 
 def open_server(model: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, max_batch: Optional[int] = None,
                 max_queue: int = DEFAULT_MAX_QUEUE, memory_limit=None, api_key: Optional[str] = None,
-                max_tokens: Optional[int] = None, prefix_cache: bool = True, cpu_dequantize: str = "auto") -> Server:
-    """A server for the checkpoint ``model``, not started (``start`` loads the weights)."""
+                max_tokens: Optional[int] = None, prefix_cache: bool = True, cpu_dequantize: str = "auto",
+                exact: bool = True, sc_top_k: Optional[int] = None, canvas: str = "full") -> Server:
+    """A server for the checkpoint ``model``, not started (``start`` loads the weights);
+    ``exact``, ``sc_top_k`` and ``canvas`` choose the engine's path as ``mlxdg generate`` does."""
     from ..commands import Checkpoint, Settings
+    from ..sampler import DEFAULT_SELF_CONDITIONING_TOP_K
     from ..generate import DEFAULT_MAX_BATCH, resolve_config
 
     settings = Settings(model=model, max_tokens=max_tokens, memory_limit=memory_limit, cpu_dequantize=cpu_dequantize)
@@ -71,8 +74,11 @@ def open_server(model: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, 
     served = Served(model, checkpoint.tokenizer, checkpoint.args,
                     resolve_config(None, checkpoint.tokenizer, checkpoint.sampler, {}),
                     aliases=(str(checkpoint.path), checkpoint.path.name))
+    if canvas not in ("full", "auto"):
+        raise ValueError(f"canvas must be 'full' or 'auto', not {canvas!r}")
+    path = dict(exact=exact, top_k=sc_top_k or DEFAULT_SELF_CONDITIONING_TOP_K, auto_canvas=canvas == "auto")
     scheduler = Scheduler(checkpoint.load, max_batch=max_batch or DEFAULT_MAX_BATCH, max_queue=max_queue,
-                          memory_limit=memory_limit, prefix_cache=prefix_cache)
+                          memory_limit=memory_limit, prefix_cache=prefix_cache, path=path)
     return Server(served, scheduler, host, port, api_key)
 
 

@@ -135,8 +135,9 @@ class Scheduler:
     belong to a thread, and a model loaded on another fails there."""
 
     def __init__(self, load: Callable[[], object], *, max_batch: int, max_queue: int = 64,
-                 memory_limit=None, prefix_cache: bool = True):
+                 memory_limit=None, prefix_cache: bool = True, path: Optional[dict] = None):
         self._load = load
+        self.path = path or {}  # the engine's path: Denoiser's exact, top_k and auto_canvas
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.budget = device_budget(memory_limit)
@@ -224,7 +225,7 @@ class Scheduler:
             # One engine run per sampler setting: it ends when no request with that setting is left.
             memory = self._plan([self._context(head)], self._cached_bytes())
             self._logits_rows = memory.logits_rows(self.max_batch)
-            denoiser = Denoiser(self.model, head.config, MLXNoise(), self._logits_rows)
+            denoiser = Denoiser(self.model, head.config, MLXNoise(), self._logits_rows, **self.path)
             try:
                 for event in denoiser.run(_Admission(self, head.sampler_key), self.max_batch):
                     (self._draft if isinstance(event, Draft) else self._commit)(event)
