@@ -258,3 +258,9 @@ def serve(
                    memory_limit=memory_limit, api_key=api_key, max_tokens=max_tokens, prefix_cache=prefix_cache,
                    cpu_dequantize=CpuDequantize(cpu_dequantize).value, exact=exact, sc_top_k=sc_top_k,
                    canvas=CanvasChoice(canvas).value)
+
+
+# Fine-tuning lives in its own modules; their heavy imports happen inside the commands.
+from . import lora as _lora  # noqa: E402
+
+app.command("lora")(_lora.command)

@@ -227,3 +227,116 @@ def largest_context(prompt_lengths: Iterable[int], max_new_tokens: int, canvas_l
     """Tokens in the cache at the last block: the prompt plus every committed block."""
     blocks = -(-max_new_tokens // canvas_length)
     return max(prompt_lengths) + (blocks - 1) * canvas_length
+
+
+# Training (``mlxdg lora``). Measured constants: live float32 [tokens, vocab]
+# buffers per position whose logits are scored (the logits, the softmax of the
+# cross-entropy and its gradient), and the activations a layer keeps for the
+# backward pass per token, in hidden-size units besides its attention
+# probabilities and MLP widths. Calibrated with mx.get_peak_memory() on the
+# 26B-A4B layer shapes (bench/train_memory.py); change them when the
+# objective's code path changes.
+TRAIN_LOGIT_BUFFERS = 3.0
+TRAIN_HIDDEN_PER_TOKEN_LAYER = 16
+# Bytes per trainable parameter besides the parameter itself: its gradient and
+# the optimizer's state (Adam keeps two moments), in float32.
+OPTIMIZER_STATE_FLOATS = {"adam": 3, "adamw": 3, "sgd": 2, "adafactor": 2, "muon": 2}
+
+
+def _matrix_shapes(args: ModelArgs, layer_type: str):
+    """(name, in, out) of the LoRA-able linear layers of one layer."""
+    sliding = layer_type == "sliding_attention"
+    head_dim = args.head_dim if sliding else args.global_head_dim
+    kv = args.num_key_value_heads if sliding else (args.num_global_key_value_heads or args.num_key_value_heads)
+    q, kvd, d, f = args.num_attention_heads * head_dim, kv * head_dim, args.hidden_size, args.intermediate_size
+    shapes = [("q_proj", d, q), ("k_proj", d, kvd), ("o_proj", q, d), ("gate_proj", d, f), ("up_proj", d, f),
+              ("down_proj", f, d)]
+    return shapes + ([("v_proj", d, kvd)] if sliding else [])
+
+
+def parameter_count(args: ModelArgs) -> int:
+    """Text parameters of a model with ``args``, from its shapes alone."""
+    from .model import Model
+
+    return sum(p.size for _, p in tree_flatten(Model(args).parameters()))
+
+
+def trainable_parameters(args: ModelArgs, fine_tune_type: str, num_layers: int, rank: int) -> int:
+    if fine_tune_type == "full":
+        return parameter_count(args)
+    n = args.num_hidden_layers if num_layers < 0 else min(num_layers, args.num_hidden_layers)
+    total = 0
+    for layer_type in args.layer_types[args.num_hidden_layers - n:]:
+        for _, fan_in, fan_out in _matrix_shapes(args, layer_type):
+            total += rank * (fan_in + fan_out) + (fan_out if fine_tune_type == "dora" else 0)
+    return total
+
+
+def layer_activation_bytes(args: ModelArgs, tokens: int, keys: int, dtype_bytes: int) -> int:
+    """What one layer keeps for its backward pass over ``tokens`` queries that
+    attend to ``keys`` positions each."""
+    widest_q = args.num_attention_heads * max(args.head_dim, args.global_head_dim)
+    per_token = (TRAIN_HIDDEN_PER_TOKEN_LAYER * args.hidden_size + 4 * widest_q + 3 * args.intermediate_size
+                 + args.top_k_experts * (3 * args.moe_intermediate_size + args.hidden_size))
+    attention = args.num_attention_heads * keys * 4  # float32 probabilities
+    return tokens * (per_token * dtype_bytes + attention)
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    budget: int
+    weights: int
+    trainable: int  # the trained parameters with their gradients and optimizer state
+    activations: int  # the encoder's and decoder's over the batch
+    logits: int  # the scored positions' logits and their gradients
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.trainable + self.activations + self.logits
+
+    def describe(self) -> str:
+        return (f"{human_size(self.peak)} ({human_size(self.weights)} weights, {human_size(self.trainable)} "
+                f"trained parameters with gradients and optimizer state, {human_size(self.activations)} "
+                f"activations, {human_size(self.logits)} logits)")
+
+    def require(self) -> None:
+        if self.peak <= self.budget:
+            return
+        parts = {"the weights (use a quantized checkpoint)": self.weights,
+                 "the activations (lower --batch-size or --max-seq-length, or add --grad-checkpoint)":
+                     self.activations,
+                 "the logits (lower --batch-size)": self.logits,
+                 "the trained parameters (use --fine-tune-type lora, a lower rank or fewer --num-layers)":
+                     self.trainable}
+        largest = max(parts, key=parts.get)
+        raise InsufficientMemory(f"training needs about {self.describe()} but {human_size(self.budget)} is "
+                                 f"available; most of it is {largest}, or pass --memory-limit if more "
+                                 "memory is really free")
+
+
+def training_plan(args: ModelArgs, weight_bytes: int, *, fine_tune_type: str, num_layers: int, rank: int,
+                  batch_size: int, canvases: int, context: int, grad_checkpoint: bool, optimizer: str = "adam",
+                  dtype_bytes: int = 4, budget: Optional[int] = None) -> TrainingPlan:
+    """The forecast peak of one training step: ``batch_size`` examples of up
+    to ``context`` positions (context plus padded canvases), each with up to
+    ``canvases`` answer canvases; ``dtype_bytes`` is the activations' (4 on
+    MLX's CPU backend, which computes in float32)."""
+    L = args.canvas_length
+    n_canvases = batch_size * canvases
+    trainable = trainable_parameters(args, fine_tune_type, num_layers, rank)
+    floats = OPTIMIZER_STATE_FLOATS.get(optimizer, 3)
+    # A fully fine-tuned weight is already in ``weights``; LoRA's are new.
+    trainable_bytes = trainable * 4 * (floats if fine_tune_type == "full" else floats + 1)
+    encoder = layer_activation_bytes(args, batch_size * context, context, dtype_bytes)
+    decoder = layer_activation_bytes(args, n_canvases * L, context + L, dtype_bytes)
+    layers = args.num_hidden_layers
+    if grad_checkpoint:
+        # Each layer's input is kept; one layer's activations exist at a time, recomputed.
+        kept = (batch_size * context + n_canvases * L) * args.hidden_size * dtype_bytes * layers
+        activations = kept + encoder + decoder
+    else:
+        activations = layers * (encoder + decoder)
+    scored = n_canvases * L + batch_size * context  # canvas positions and (at most) the answer's AR positions
+    logits = int(TRAIN_LOGIT_BUFFERS * scored * args.vocab_size * 4)
+    return TrainingPlan(budget=device_budget() if budget is None else budget, weights=weight_bytes,
+                        trainable=trainable_bytes, activations=activations, logits=logits)
