@@ -56,6 +56,7 @@ class Settings:
     exact: bool = True
     sc_top_k: Optional[int] = None
     canvas: str = "full"
+    adapter_path: Optional[str] = None
     debug: bool = False
 
     @property
@@ -89,6 +90,10 @@ class Checkpoint:
         self.config = read_config(self.path)
         self.args = ModelArgs.from_dict(self.config)
         self.tokenizer = load_tokenizer(self.path, eos_token_ids=self.config.get("eos_token_id"))
+        if settings.adapter_path is not None:
+            from .tuner.adapters import read_adapter_config
+
+            read_adapter_config(Path(settings.adapter_path).expanduser())  # a bad folder fails before the weights load
         try:
             self.sampler = SamplerConfig.from_checkpoint(self.path).override(
                 max_new_tokens=settings.max_tokens, max_denoising_steps=settings.steps,
@@ -118,6 +123,10 @@ class Checkpoint:
     def load(self):
         model, _ = load_model(self.path, cpu_dequantize=self.settings.cpu_dequantize,
                               memory_budget=device_budget(self.settings.memory_limit))
+        if self.settings.adapter_path is not None:
+            from .tuner.adapters import load_adapters
+
+            load_adapters(model, self.settings.adapter_path)
         return model
 
 

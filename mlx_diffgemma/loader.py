@@ -107,10 +107,15 @@ def _first_line(error: Exception) -> str:
 
 
 def load(path_or_hf_repo: str, revision: str = None, lazy: bool = False,
-         cpu_dequantize: str = "auto") -> Tuple[Model, Any]:
-    """Load a DiffusionGemma checkpoint: ``model, tokenizer = load("path/or/repo")``."""
+         cpu_dequantize: str = "auto", adapter_path: str = None) -> Tuple[Model, Any]:
+    """Load a DiffusionGemma checkpoint: ``model, tokenizer = load("path/or/repo")``;
+    ``adapter_path`` applies what ``mlxdg lora`` trained there."""
     path = resolve_model_path(str(path_or_hf_repo), revision)
     model, config = load_model(path, lazy=lazy, cpu_dequantize=cpu_dequantize)
+    if adapter_path is not None:
+        from .tuner.adapters import load_adapters
+
+        load_adapters(model, adapter_path)
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     return model, tokenizer
 

@@ -140,12 +140,15 @@ def adapter_config(o: dict, model_path: Path, num_layers: int) -> dict:
 
 def run(options: dict) -> None:
     """``mlxdg lora`` with resolved options; raises the errors the CLI reports."""
+    import itertools
+
     import mlx.core as mx
     import numpy as np
     from mlx_lm.utils import load_tokenizer
 
     from .loader import load_model, read_config, resolve_model_path
-    from .memory import checkpoint_weight_bytes, device_budget
+    from .cpu import on_cpu
+    from .memory import checkpoint_weight_bytes, device_budget, parameter_count
     from .model import ModelArgs
     from .tuner import datasets, trainer
     from .tuner.adapters import load_adapters, num_lora_layers, prepare
@@ -174,7 +177,10 @@ def run(options: dict) -> None:
             raise OptionError(f"--resume-adapter-file {resume_file} does not exist")
     longest = max(e.length(L) for s in splits.values() for e in s.examples)
     canvases = max(e.canvases(L) for s in splits.values() for e in s.examples)
-    plan = training_plan(args, checkpoint_weight_bytes(path), fine_tune_type=o["fine_tune_type"],
+    weights = checkpoint_weight_bytes(path)
+    if on_cpu() and o["cpu_dequantize"] != "never":
+        weights = 4 * parameter_count(args)  # the CPU backend computes in float32 (cpu.prepare_weights)
+    plan = training_plan(args, weights, fine_tune_type=o["fine_tune_type"],
                          num_layers=o["num_layers"], rank=o["lora_parameters"].get("rank", 8),
                          batch_size=o["batch_size"], canvases=canvases, context=longest,
                          grad_checkpoint=o["grad_checkpoint"], optimizer=o["optimizer"],
@@ -207,7 +213,9 @@ def run(options: dict) -> None:
         schedule = trainer.Schedule(iters=o["iters"], steps_per_report=o["steps_per_report"],
                                     steps_per_eval=o["steps_per_eval"], val_batches=o["val_batches"],
                                     save_every=o["save_every"], seed=o["seed"])
-        train_batches = datasets.batches(splits["train"], o["batch_size"], L, pad, seed=o["seed"] + start)
+        # A resumed run sees the batches the uninterrupted one would have.
+        train_batches = itertools.islice(datasets.batches(splits["train"], o["batch_size"], L, pad, seed=o["seed"]),
+                                         start, None)
         val = lambda: datasets.batches(splits["valid"], o["batch_size"], L, pad, seed=o["seed"], loop=False)
         if start < o["iters"]:
             trainer.train(model, objective, optimizer, train_batches, val, schedule, adapter_path, start=start)
