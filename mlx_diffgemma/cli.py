@@ -263,6 +263,8 @@ def serve(
 
 
 # Fine-tuning lives in its own modules; their heavy imports happen inside the commands.
+from . import fuse as _fuse  # noqa: E402
 from . import lora as _lora  # noqa: E402
 
 app.command("lora")(_lora.command)
+app.command("fuse")(_fuse.command)
