@@ -221,6 +221,8 @@ def test_concurrent_clients_each_get_their_alone_answer(server, log_lines):
     ({"messages": HELLO, "response_format": {"type": "json_object"}}, 400, "response_format"),
     ({"messages": HELLO, "temperature": 0.7}, 400, "temperature"),
     ({"messages": HELLO, "max_denoising_steps": 0}, 400, None),
+    ({"messages": HELLO, "seed": -1}, 400, "seed"),
+    ({"messages": HELLO, "stream": "yes"}, 400, "stream"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
      "messages"),
 ])

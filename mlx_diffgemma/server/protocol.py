@@ -145,7 +145,9 @@ def parse(kind: str, body, served: Served) -> Request:
     max_tokens = _typed(body, "max_completion_tokens", int, minimum=1)
     if max_tokens is None:
         max_tokens = _typed(body, "max_tokens", int, served.sampler.max_new_tokens, minimum=1)
-    seed = _typed(body, "seed", int)
+    seed = _typed(body, "seed", int, minimum=0)
+    if seed is not None and seed >= 1 << 64:
+        raise ApiError(400, "seed must be below 2**64", param="seed")
     seed = secrets.randbits(63) if seed is None else seed
     options = {name: _typed(body, name, kind) for name, kind in SAMPLER_FIELDS.items()}
     if _typed(body, "ignore_eos", bool, False):  # as vLLM has it: every answer runs to max_tokens
