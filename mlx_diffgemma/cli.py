@@ -246,6 +246,7 @@ def serve(
     prefix_cache: Annotated[bool, typer.Option(
         "--prefix-cache/--no-prefix-cache", help="Keep recent conversations' KV caches and encode only what is new.")] = True,
     cpu_dequantize: CpuDequantizeOption = CpuDequantize.auto,
+    adapter_path: SETTINGS_OPTIONS["adapter_path"] = None,
     exact: SETTINGS_OPTIONS["exact"] = True,
     sc_top_k: SETTINGS_OPTIONS["sc_top_k"] = None,
     canvas: SETTINGS_OPTIONS["canvas"] = Settings.canvas,
@@ -259,7 +260,7 @@ def serve(
         run_server(Settings(model=model).model_ref, host=host, port=port, max_batch=max_batch, max_queue=max_queue,
                    memory_limit=memory_limit, api_key=api_key, max_tokens=max_tokens, prefix_cache=prefix_cache,
                    cpu_dequantize=CpuDequantize(cpu_dequantize).value, exact=exact, sc_top_k=sc_top_k,
-                   canvas=CanvasChoice(canvas).value)
+                   canvas=CanvasChoice(canvas).value, adapter_path=adapter_path)
 
 
 # Fine-tuning lives in its own modules; their heavy imports happen inside the commands.

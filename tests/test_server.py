@@ -160,6 +160,34 @@ def test_the_fast_path_serves_the_python_apis_fast_answer(checkpoint):
         fast.close()
 
 
+def test_adapters_are_served(checkpoint, tmp_path):
+    from typer.testing import CliRunner
+
+    from mlx_diffgemma.cli import app
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = "".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in [("hi", "hello"), ("cat", "meow")])
+    for split in ("train", "valid"):
+        (data / f"{split}.jsonl").write_text(rows)
+    out = tmp_path / "adapters"
+    result = CliRunner().invoke(app, ["lora", "--model", str(checkpoint), "--train", "--data", str(data),
+                                      "--fine-tune-type", "full", "--iters", "30", "--batch-size", "2",
+                                      "--learning-rate", "3e-3", "--steps-per-eval", "1000", "--adapter-path", str(out)])
+    assert result.exit_code == 0, result.output
+    model, tokenizer = load(checkpoint, adapter_path=out)
+    ids = tokenizer.apply_chat_template(HELLO, add_generation_prompt=True, enable_thinking=False)
+    tuned = started(checkpoint, adapter_path=str(out))
+    try:
+        for seed in (1, 2):
+            expected = batch_generate(model, tokenizer, [ids], seed=seed, max_tokens=2 * L).texts[0]
+            assert chat(tuned, seed=seed).choices[0].message.content == expected
+    finally:
+        tuned.close()
+    base_model, _ = load(checkpoint)
+    assert expected != batch_generate(base_model, tokenizer, [ids], seed=2, max_tokens=2 * L).texts[0]
+
+
 def test_text_completions(server):
     c = client(server)
     whole = c.completions.create(model=server.served.id, prompt="abc de", seed=2, max_tokens=10)

@@ -61,14 +61,17 @@ class Server:
 def open_server(model: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, max_batch: Optional[int] = None,
                 max_queue: int = DEFAULT_MAX_QUEUE, memory_limit=None, api_key: Optional[str] = None,
                 max_tokens: Optional[int] = None, prefix_cache: bool = True, cpu_dequantize: str = "auto",
-                exact: bool = True, sc_top_k: Optional[int] = None, canvas: str = "full") -> Server:
-    """A server for the checkpoint ``model``, not started (``start`` loads the weights);
-    ``exact``, ``sc_top_k`` and ``canvas`` choose the engine's path as ``mlxdg generate`` does."""
+                exact: bool = True, sc_top_k: Optional[int] = None, canvas: str = "full",
+                adapter_path: Optional[str] = None) -> Server:
+    """A server for the checkpoint ``model`` (with the adapters ``mlxdg lora`` wrote to
+    ``adapter_path``), not started (``start`` loads the weights); ``exact``, ``sc_top_k``
+    and ``canvas`` choose the engine's path as ``mlxdg generate`` does."""
     from ..commands import Checkpoint, Settings
     from ..sampler import DEFAULT_SELF_CONDITIONING_TOP_K
     from ..generate import DEFAULT_MAX_BATCH, resolve_config
 
-    settings = Settings(model=model, max_tokens=max_tokens, memory_limit=memory_limit, cpu_dequantize=cpu_dequantize)
+    settings = Settings(model=model, max_tokens=max_tokens, memory_limit=memory_limit, cpu_dequantize=cpu_dequantize,
+                        adapter_path=adapter_path)
     checkpoint = Checkpoint(settings)
     checkpoint.check_memory(1)
     served = Served(model, checkpoint.tokenizer, checkpoint.args,
