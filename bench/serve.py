@@ -15,7 +15,6 @@ import http.client
 import json
 import logging
 import statistics
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -160,4 +159,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mlx_diffgemma.server import exit_now
+
+    exit_now(main())

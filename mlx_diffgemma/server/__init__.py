@@ -7,7 +7,9 @@ their KV caches between turns (prefix reuse).
 """
 
 import logging
+import os
 import signal
+import sys
 import threading
 from http.server import ThreadingHTTPServer
 from typing import Optional
@@ -119,3 +121,15 @@ def serve(model: str, **options) -> None:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    exit_now()
+
+
+def exit_now(code: int = 0) -> None:
+    """End the process without running interpreter teardown: everything is
+    answered and closed by now, and MLX's per-thread streams, destroyed at
+    teardown after the engine thread has ended, sometimes abort the process
+    ("terminate called without an active exception")."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
