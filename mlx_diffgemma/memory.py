@@ -329,14 +329,15 @@ def training_plan(args: ModelArgs, weight_bytes: int, *, fine_tune_type: str, nu
     trainable_bytes = trainable * 4 * (floats if fine_tune_type == "full" else floats + 1)
     encoder = layer_activation_bytes(args, batch_size * context, context, dtype_bytes)
     decoder = layer_activation_bytes(args, n_canvases * L, context + L, dtype_bytes)
-    layers = args.num_hidden_layers
+    # Only the layers from the lowest trained one up keep activations for the backward pass.
+    layers = args.num_hidden_layers if fine_tune_type == "full" or num_layers < 0 else min(num_layers, args.num_hidden_layers)
     if grad_checkpoint:
         # Each layer's input is kept; one layer's activations exist at a time, recomputed.
         kept = (batch_size * context + n_canvases * L) * args.hidden_size * dtype_bytes * layers
         activations = kept + encoder + decoder
     else:
         activations = layers * (encoder + decoder)
-    scored = n_canvases * L + batch_size * context  # canvas positions and (at most) the answer's AR positions
+    scored = 2 * n_canvases * L  # the canvas positions, and at most as many answer positions for the encoder
     logits = int(TRAIN_LOGIT_BUFFERS * scored * args.vocab_size * 4)
     return TrainingPlan(budget=device_budget() if budget is None else budget, weights=weight_bytes,
                         trainable=trainable_bytes, activations=activations, logits=logits)

@@ -136,3 +136,22 @@ def test_a_run_that_cannot_fit_is_refused_before_training(checkpoint, tmp_path):
                   "--adapter-path", out, "--memory-limit", "100KB")
     assert result.exit_code == 1 and result.output.startswith("mlxdg: training needs about"), result.output
     assert "lower" in result.output and not out.exists()
+
+
+def test_config_file_schedule_optimizer_and_grad_checkpoint(checkpoint, tmp_path):
+    out = tmp_path / "adapters"
+    config = tmp_path / "config.yaml"
+    config.write_text(f"model: {checkpoint}\ntrain: true\ndata: {pairs_data(tmp_path)}\niters: 6\nbatch_size: 2\n"
+                      "steps_per_report: 2\nsteps_per_eval: 100\noptimizer: adamw\n"
+                      "optimizer_config:\n  adamw:\n    weight_decay: 0.01\n"
+                      "lr_schedule:\n  name: cosine_decay\n  arguments: [1.0e-3, 6]\n  warmup: 2\n"
+                      "lora_parameters:\n  rank: 4\n  scale: 1.0\n  dropout: 0.0\n")
+    result = lora("-c", config, "--adapter-path", out, "--grad-checkpoint", "--seed", 3)
+    assert result.exit_code == 0, result.output
+    rates = [r["learning_rate"] for r in log(out) if "learning_rate" in r]
+    assert rates[0] < rates[1] and rates[-1] < rates[1]  # warm-up, then the cosine decay
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["optimizer"] == "adamw" and saved["grad_checkpoint"] and saved["lora_parameters"]["rank"] == 4
+    assert saved["seed"] == 3  # the command line wins over the file's and the defaults
+    bad = lora("-c", config, "--adapter-path", tmp_path / "b", "--optimizer", "lion")
+    assert bad.exit_code == 1 and bad.output.startswith("mlxdg: --optimizer must be one of")
