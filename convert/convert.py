@@ -8,10 +8,15 @@ place only after every shard has been read back and its hash checked.
 """
 
 import copy
+import errno
+import fcntl
+import glob
 import json
 import math
+import os
 import shlex
 import shutil
+import signal
 import sys
 import uuid
 from dataclasses import dataclass
@@ -24,6 +29,7 @@ from mlx_lm.utils import MAX_FILE_SIZE_GB, save_config
 
 from .. import __version__
 from ..loader import ALLOW_PATTERNS, CheckpointError, read_config, resolve_model_path
+from ..memory import human_size
 from ..model import VISION_PREFIXES, Model, ModelArgs
 from . import recipes
 from .shards import Entry, ShardWriter, file_sha256, nbytes
@@ -32,10 +38,20 @@ MAX_SHARD_BYTES = MAX_FILE_SIZE_GB << 30
 DTYPES = ("float16", "bfloat16", "float32")
 # Written by the converter itself rather than copied from the source.
 _NOT_COPIED = {"config.json", "model.safetensors.index.json"}
+# Inside a partial output folder, locked (flock) by the run writing it: the
+# lock dies with the process however it ends, so a later run can tell a dead
+# run's leftovers from a live run's work.
+LOCK_FILE = ".mlxdg-convert.lock"
+# Room left over beyond the planned bytes: headers, side files, model card.
+_SPACE_MARGIN = 16 << 20
 
 
 class ConvertError(Exception):
     """Bad input or a failed step, with a one-line message meant for people."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that it cleans up as after Ctrl-C."""
 
 
 @dataclass
@@ -349,6 +365,99 @@ def write_weights(dest: Path, tensors: List[Tensor], shards: List[List[Tensor]],
     (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
 
 
+def _lock(folder: Path):
+    """Claim ``folder`` for this process (see LOCK_FILE); the open file holds the claim."""
+    lock = open(folder / LOCK_FILE, "w")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def _folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def clear_leftovers(out: Path, say=print) -> None:
+    """Remove what dead conversions to ``out`` left behind (their lock is free);
+    refuse while a live one is writing; name, with their size, leftovers this
+    run cannot tell the owner of."""
+    for folder in sorted(out.parent.glob(f".{glob.escape(out.name)}.*.partial")):
+        try:
+            lock = open(folder / LOCK_FILE, "r+")
+        except FileNotFoundError:
+            say(f"mlxdg: {folder} ({human_size(_folder_size(folder))}) is left from an interrupted conversion "
+                "of unknown owner; remove it unless a conversion is still running")
+            continue
+        with lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = lock.read().strip() or "?"
+                raise ConvertError(f"another mlxdg convert (pid {pid}) is writing {out} in {folder}; "
+                                   "wait for it to finish or stop it") from None
+            size = _folder_size(folder)
+            shutil.rmtree(folder)
+        say(f"mlxdg: removed {folder} ({human_size(size)}), left by an interrupted conversion")
+    for old in sorted(out.parent.glob(f".{glob.escape(out.name)}.*.old")):
+        say(f"mlxdg: {old} ({human_size(_folder_size(old))}) holds what was at {out} before an interrupted "
+            "--force run; move it back or remove it")
+
+
+def _is_model_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def check_replaceable(out: Path) -> Optional[str]:
+    """What --force would replace at ``out`` ("model", "empty folder", "link"),
+    or a ConvertError when that would delete something that is not a model."""
+    if out.is_symlink():
+        return "link"
+    if not out.is_dir():
+        raise ConvertError(f"--mlx-path {out} is a file, not a model folder; --force replaces only model "
+                           "folders: remove it yourself or choose another --mlx-path")
+    if _is_model_folder(out):
+        return "model"
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return "empty folder"
+    count = f"{len(entries)} entries" if len(entries) > 1 else "1 entry"
+    raise ConvertError(f"--mlx-path {out} holds {count} ({entries[0]}{', ...' * (len(entries) > 1)}) but no model "
+                       "(config.json and safetensors); --force replaces only model folders: remove it "
+                       "yourself or choose another --mlx-path")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_space(out: Path, needed: int) -> None:
+    """Refuse before writing when the disk under ``out`` has less room than the output needs."""
+    where = _existing_ancestor(out.parent)
+    disk = os.statvfs(where)
+    if disk.f_flag & os.ST_RDONLY:
+        raise ConvertError(f"cannot write {out}: {where} is on a read-only file system; choose another --mlx-path")
+    free = disk.f_bavail * disk.f_frsize
+    # A pseudo file system (sysfs, procfs) reports no blocks at all: the first write will tell.
+    if disk.f_blocks and free < needed + _SPACE_MARGIN:
+        raise ConvertError(f"not enough space for {out}: the converted model needs {human_size(needed)} and "
+                           f"{where} has {human_size(free)} free; free some space or choose another --mlx-path")
+
+
+def _write_failure(e: OSError, out: Path, needed: int) -> ConvertError:
+    """A one-line ConvertError for a write that failed: full disk, read-only or denied."""
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ConvertError(f"no space left writing {out}{where}: the converted model needs {human_size(needed)}; "
+                            "free some space or choose another --mlx-path (nothing was left behind)")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return ConvertError(f"cannot write {out}{where}: {e.strerror}; choose another --mlx-path")
+    return ConvertError(f"writing {out}{where} failed: {e.strerror or e}; nothing was left behind")
+
+
 def _holds(outer: Path, inner: Path) -> bool:
     outer, inner = outer.resolve(), inner.resolve()
     return outer == inner or outer in inner.parents
@@ -394,8 +503,11 @@ def convert(hf_path: str, mlx_path: str = "mlx_model", quantize: bool = False, q
     if upload_repo is not None and upload_repo.count("/") != 1:
         raise ConvertError(f"--upload-repo {upload_repo!r} is not a Hugging Face repo id (owner/name)")
     out = Path(mlx_path).expanduser()
-    if (out.exists() or out.is_symlink()) and not force:
-        raise ConvertError(f"{out} already exists; pass --force to replace it")
+    replacing = None
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise ConvertError(f"{out} already exists; pass --force to replace it")
+        replacing = check_replaceable(out)
     source = resolve_model_path(str(hf_path))
     if out.exists() and _holds(out, source):
         raise ConvertError(f"--mlx-path {out} holds the source checkpoint; choose another output")
@@ -405,13 +517,19 @@ def convert(hf_path: str, mlx_path: str = "mlx_model", quantize: bool = False, q
     tensors = plan(source, config, options)
     shards = shard(tensors, max_shard_bytes)
     base_model = None if Path(hf_path).expanduser().exists() else str(hf_path)
+    if out.parent.is_dir():
+        clear_leftovers(out, say=lambda line: print(line, file=sys.stderr))
+    needed = sum(nbytes(shape, dtype) for t in tensors for _, shape, dtype in t.outputs())
+    check_space(out, needed)
 
     new_parents = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkdtemp: its 0700 mode would stay on the renamed output.
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.partial"
-    tmp.mkdir()
+    lock = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Not tempfile.mkdtemp: its 0700 mode would stay on the renamed output.
+        tmp.mkdir()
+        lock = _lock(tmp)
         write_weights(tmp, tensors, shards, show_progress)
         save_config(output_config(config, tensors, options), tmp / "config.json", keep_vision_config=True)
         copied = copy_side_files(source, tmp)
@@ -420,19 +538,28 @@ def convert(hf_path: str, mlx_path: str = "mlx_model", quantize: bool = False, q
                          command_line(str(hf_path), out, options))
         if (out.exists() or out.is_symlink()) and not force:
             raise ConvertError(f"{out} appeared while converting; pass --force to replace it")
+        # Out of the output, but still held (the open file) until the rename.
+        (tmp / LOCK_FILE).unlink()
         _replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         for parent in new_parents:  # deepest first; stops at the first one someone else filled
             try:
                 parent.rmdir()
             except OSError:
                 break
+        if isinstance(e, OSError):
+            raise _write_failure(e, out, needed) from None
         raise
+    finally:
+        if lock is not None:
+            lock.close()
 
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     print(f"Wrote {out}: {len(shards)} shard(s), {size / 1e9:.2f} GB, {describe(options)}, "
           f"{bpw:.2f} bits per text weight; shard hashes verified.")
+    if replacing:
+        print(f"Replaced the {replacing} that was at {out}.")
     if text_only:
         print("Vision tower dropped (--text-only).")
     elif vision := sum(t.is_vision for t in tensors):
@@ -463,7 +590,9 @@ def recipe_table(q_group_size: int = 64) -> str:
 def main(hf_path: Optional[str], mlx_path: str, quantize: bool, q_bits: Optional[int], q_group_size: int,
          recipe: Optional[str], dtype: Optional[str], upload_repo: Optional[str], force: bool,
          text_only: bool) -> int:
-    """``mlxdg convert``; the exit status. Errors are one line on stderr."""
+    """``mlxdg convert``; the exit status. Errors are one line on stderr;
+    SIGTERM stops it as Ctrl-C does, leaving nothing behind."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         if recipe == "list":
             _check_group_size(q_group_size)
@@ -472,11 +601,24 @@ def main(hf_path: Optional[str], mlx_path: str, quantize: bool, q_bits: Optional
         if not hf_path:
             raise ConvertError("--hf-path is required")
         convert(hf_path, mlx_path, quantize, q_bits, q_group_size, recipe, dtype, upload_repo, force, text_only)
-    # OSError: a full disk or a denied permission, reported like bad input; nothing half-written is left.
-    except (ConvertError, CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConvertError, CheckpointError) as e:
+        print(f"mlxdg: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # outside the writing itself (which says more): reading the source, say
+        print(f"mlxdg: {e.filename or mlx_path}: {e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"interrupted: {mlx_path} was left as it was", file=sys.stderr)
+        print(f"mlxdg: interrupted; {mlx_path} was left as it was", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"mlxdg: terminated; {mlx_path} was left as it was", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _terminate(signum, frame):
+    # Once: a second SIGTERM must not cut the cleanup that the first one started.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from mlx_lm.utils import load_tokenizer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -21,7 +20,7 @@ from .engine import Draft
 from .generate import (Answer, Answers, Block, GenerationResult, generation_result, print_summary, prompt_ids,
                        run_statistics, stream_blocks)
 from .live import make_view
-from .loader import CheckpointError, load_model, read_config, resolve_model_path
+from .loader import CheckpointError, load_checkpoint_tokenizer, load_model, read_config, resolve_model_path
 from .memory import InsufficientMemory, checkpoint_weight_bytes, device_budget, largest_context, parse_size, plan
 from .model import ModelArgs
 from .sampler import SamplerConfig
@@ -89,7 +88,7 @@ class Checkpoint:
         self.path = resolve_model_path(settings.model_ref)
         self.config = read_config(self.path)
         self.args = ModelArgs.from_dict(self.config)
-        self.tokenizer = load_tokenizer(self.path, eos_token_ids=self.config.get("eos_token_id"))
+        self.tokenizer = load_checkpoint_tokenizer(self.path, eos_token_ids=self.config.get("eos_token_id"))
         if settings.adapter_path is not None:
             from .tuner.adapters import read_adapter_config
 

@@ -13,15 +13,12 @@ from mlx_lm.utils import load_tokenizer
 from .cpu import prepare_weights
 from .memory import weight_bytes, wire_weights
 from .model import MODEL_TYPE, Model, ModelArgs
+from .safetensors_header import CheckpointError, weight_headers
 from .sampler import SamplerConfig
 from .sudoku import BUILTIN_MODELS
 
 # What a checkpoint download needs: weights, configs, tokenizer and chat template.
 ALLOW_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used, with a message meant for people."""
 
 
 def resolve_model_path(path_or_repo: str, revision: str = None) -> Path:
@@ -63,14 +60,16 @@ def read_config(path: Path) -> Dict[str, Any]:
         raise CheckpointError(f"{path} has no config.json")
     try:
         config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{config_file} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file} is not a JSON object")
     model_type = config.get("model_type")
     if model_type != MODEL_TYPE:
         raise CheckpointError(
             f"{path} holds a {model_type!r} model, not a DiffusionGemma ({MODEL_TYPE!r}) checkpoint"
         )
-    if not list(path.glob("model*.safetensors")):
+    if not weight_headers(path):
         raise CheckpointError(f"{path} has no model*.safetensors weights")
     return config
 
@@ -90,8 +89,8 @@ def load_model(path: Path, lazy: bool = False, cpu_dequantize: str = "auto",
             path, lazy=lazy, get_model_classes=lambda config: (Model, ModelArgs)
         )
     except ValueError as e:
-        # mlx's load_weights lists missing or unexpected parameters here.
-        raise CheckpointError(f"{path}: weights do not match the config: {_first_line(e)}") from None
+        # mlx's load_weights lists missing or unexpected parameters here, one per line.
+        raise CheckpointError(f"{path}: weights do not match the config: {_one_line(e)}") from None
     except Exception as e:  # corrupt or truncated safetensors surface as RuntimeError/OSError
         raise CheckpointError(f"{path}: cannot read the weights: {_first_line(e)}") from None
     model.weight_paths = prepare_weights(model, cpu_dequantize, lazy=lazy, budget=memory_budget)
@@ -106,6 +105,49 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def _one_line(error: Exception, limit: int = 300) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def load_checkpoint_tokenizer(path: Path, eos_token_ids=None):
+    """mlx-lm's tokenizer of the checkpoint at ``path``; a missing or broken
+    tokenizer file is a CheckpointError naming it."""
+    present = [name for name in TOKENIZER_FILES if (path / name).is_file()]
+    if not present:
+        raise CheckpointError(f"{path} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); copy the tokenizer "
+                              "files of the original checkpoint into it")
+    try:
+        return load_tokenizer(path, eos_token_ids=eos_token_ids)
+    except Exception as e:  # the tokenizers library's errors have no common type
+        raise CheckpointError(f"{path / present[0]}: cannot load the tokenizer ({_first_line(e)}); "
+                              "download or convert the checkpoint again") from None
+
+
+def chat_template_file(path: Path) -> Path:
+    """Where a checkpoint keeps its chat template (for messages)."""
+    jinja = path / "chat_template.jinja"
+    return jinja if jinja.is_file() else path / "tokenizer_config.json"
+
+
+def check_chat_template(tokenizer, path: Path) -> None:
+    """Refuse a checkpoint with no chat template, or one that does not render
+    a one-message conversation, naming the file and the way around it."""
+    if not tokenizer.has_chat_template:
+        raise CheckpointError(f"{path} has no chat template (chat_template.jinja, or chat_template in "
+                              "tokenizer_config.json); pass --ignore-chat-template to use the prompt as it is")
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                      tokenize=False)
+    except Exception as e:  # jinja2's syntax and rendering errors, and whatever the template raises
+        raise CheckpointError(f"{chat_template_file(path)}: the chat template does not render "
+                              f"({type(e).__name__}: {_first_line(e)}); fix it, or pass --ignore-chat-template "
+                              "to use the prompt as it is") from None
+
+
 def load(path_or_hf_repo: str, revision: str = None, lazy: bool = False,
          cpu_dequantize: str = "auto", adapter_path: str = None) -> Tuple[Model, Any]:
     """Load a DiffusionGemma checkpoint: ``model, tokenizer = load("path/or/repo")``;
@@ -116,6 +158,6 @@ def load(path_or_hf_repo: str, revision: str = None, lazy: bool = False,
         from .tuner.adapters import load_adapters
 
         load_adapters(model, adapter_path)
-    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    tokenizer = load_checkpoint_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     return model, tokenizer
 

@@ -9,10 +9,8 @@ cache and activations allow, and then as many canvases' logits at once as
 the rest allows; the engine computes the logits that many rows at a time.
 """
 
-import json
 import os
 import re
-import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .model import VISION_PREFIXES, ModelArgs
+from .safetensors_header import weight_headers
 
 GiB = 1 << 30
 
@@ -37,8 +36,6 @@ LOGIT_BUFFERS_PER_CANVAS = 3.0
 CPU_RESERVE_FRACTION = 0.15
 CPU_MIN_RESERVE = 2 * GiB
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2,
-                "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 class InsufficientMemory(RuntimeError):
@@ -117,14 +114,11 @@ def weight_bytes(module) -> int:
 
 
 def checkpoint_weight_bytes(path: Path) -> int:
-    """Bytes of the text weights in a checkpoint, from the safetensors headers alone."""
+    """Bytes of the text weights in a checkpoint, from the safetensors headers alone (checked first)."""
     total = 0
-    for file in sorted(Path(path).glob("model*.safetensors")):
-        with open(file, "rb") as f:
-            (header_size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_size))
+    for header in weight_headers(path).values():
         for name, entry in header.items():
-            if name == "__metadata__" or name.startswith(VISION_PREFIXES):
+            if name.startswith(VISION_PREFIXES):
                 continue
             start, end = entry["data_offsets"]
             total += end - start

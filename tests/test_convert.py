@@ -251,9 +251,16 @@ def test_existing_output_needs_force(hf_checkpoint, tmp_path, capsys):
     assert main(*args, False, False) == 1
     assert "--force" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
+    # --force replaces a model folder only, never one that holds something else.
+    assert main(*args, True, False) == 1
+    assert "holds 1 entry (keep.txt) but no model" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
 
+    (out / "config.json").write_text("{}")
+    (out / "model.safetensors").write_text("old")
     assert main(*args, True, False) == 0
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert "Replaced the model that was at" in capsys.readouterr().out
+    assert not (out / "keep.txt").exists() and (out / "config.json").read_text() != "{}"
     assert leftovers(tmp_path) == []
 
 
@@ -272,11 +279,13 @@ def test_interrupted_run_leaves_nothing(hf_checkpoint, tmp_path, monkeypatch, ca
     out = tmp_path / "nested" / "out"
     if force:
         out.mkdir(parents=True)
-        (out / "keep.txt").write_text("mine")
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_text("mine")
     assert main(str(hf_checkpoint), str(out), True, None, 64, None, None, None, force, False) == 130
     assert "interrupted" in capsys.readouterr().err
     if force:
-        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+        assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+        assert (out / "model.safetensors").read_text() == "mine"
         assert leftovers(out.parent) == []
     else:
         assert list(tmp_path.iterdir()) == []  # the parents it made are gone too
@@ -315,7 +324,7 @@ def _bad_checkpoint(kind, hf_checkpoint, tmp_path):
 @pytest.mark.parametrize("kind, message", [
     ("missing", "no such directory"),
     ("not DiffusionGemma", "'gemma4' model, not a DiffusionGemma"),
-    ("corrupt safetensors", "cannot read"),
+    ("corrupt safetensors", "not a valid safetensors file"),
     ("missing tensor", "lacks 1 tensors"),
     ("config mismatch", "config.json implies"),
 ])
@@ -325,7 +334,7 @@ def test_bad_checkpoint_is_a_one_line_error(hf_checkpoint, tmp_path, capsys, kin
     out = tmp_path / "outputs" / "out"
     assert main(str(source), str(out), True, None, 64, None, None, None, False, False) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert err.startswith("mlxdg: ") and err.count("\n") == 1 and message in err, err
     assert list((tmp_path / "outputs").iterdir()) == []
 
 
@@ -409,7 +418,7 @@ def test_cli_subprocess(hf_checkpoint, tmp_path):
     done = subprocess.run(command + ["--hf-path", str(bad), "--mlx-path", str(tmp_path / "bad-out")],
                           capture_output=True, text=True)
     assert done.returncode == 1
-    assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+    assert done.stderr.startswith("mlxdg: ") and "Traceback" not in done.stderr
     assert not (tmp_path / "bad-out").exists()
 
 
