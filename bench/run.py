@@ -10,14 +10,17 @@ bandwidth and matmul throughput of this device allow (``roofline``).
 """
 
 import importlib.util
+import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from functools import partial
+from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 import mlx.core as mx
@@ -35,6 +38,9 @@ from mlx_diffgemma.cpu import DEQUANTIZED, NATIVE, UPCAST
 
 SCHEMA = "mlxdg-bench/1"
 AR_WARMUP_TOKENS = 16
+# The probe's quantized matmuls use this group size; a hidden size it does not divide cannot run them.
+PROBE_GROUP_SIZE = 64
+PROBE_BITS = (4, 8)
 # Weights that run as plain float matmuls, whose peak is the probe's dense throughput.
 FLOAT_PATHS = (DEQUANTIZED, UPCAST, NATIVE)
 
@@ -187,13 +193,16 @@ def warm_up(engines: List[Engine], args, prompt_tokens: int, seed: int) -> dict:
     return counts
 
 
-def run_trials(engines: List[Engine], args, opts: Options, progress: Callable[[str], None]) -> List[dict]:
+def run_trials(engines: List[Engine], args, opts: Options, progress: Callable[[str], None],
+               measured: Callable[[List[dict]], None] = lambda records: None) -> List[dict]:
+    """Every engine on every trial's prompt; ``measured(records)`` after each run."""
     records = []
     for trial in range(opts.trials):
         prompt = _prompt(args.vocab_size, opts.prompt_tokens, opts.seed, trial + 1)
         for engine in engines:
             record = engine.run(prompt, opts.seed + trial, opts.gen_tokens, None)
             records.append({"engine": engine.name, "trial": trial, **record})
+            measured(records)
             mx.clear_cache()
             progress(f"trial {trial + 1}/{opts.trials}  {engine.label:<26} "
                      f"decode {record['decode_tokens_per_second']:9.2f} tok/s  "
@@ -225,7 +234,8 @@ def summarize(records: List[dict]) -> dict:
 
 def peak_flops(machine: MachineProbe, subject: Subject) -> tuple:
     """The matmul peak the experts (most of the FLOPs) can reach on the path they run."""
-    if subject.weight_paths["experts"] in FLOAT_PATHS or subject.expert_bits is None:
+    if (subject.weight_paths["experts"] in FLOAT_PATHS or subject.expert_bits is None
+            or subject.expert_bits not in machine.quantized_flops):  # not probed: see probe_now
         return machine.dense_flops, f"dense {machine.activation_dtype}"
     return machine.quantized_flops.get(subject.expert_bits, machine.dense_flops), f"{subject.expert_bits}-bit"
 
@@ -332,9 +342,14 @@ class Probed:
     load_average: float  # over the minute before it, this process included
 
 
+def probe_bits(args) -> tuple:
+    """The quantized matmuls the probe can run at this model's hidden size."""
+    return PROBE_BITS if args.hidden_size % PROBE_GROUP_SIZE == 0 else ()
+
+
 def probe_now(args) -> Probed:
     load = os.getloadavg()[0]
-    return Probed(probe(hidden=args.hidden_size, rows=args.canvas_length), load)
+    return Probed(probe(hidden=args.hidden_size, rows=args.canvas_length, quantized_bits=probe_bits(args)), load)
 
 
 def best_of(probes: Sequence[Probed]) -> MachineProbe:
@@ -418,18 +433,23 @@ def analyse(engines: List[Engine], records: List[dict], distinct_counts: dict, m
     }
 
 
-def run(opts: Options, progress: Callable[[str], None]) -> dict:
+def run(opts: Options, progress: Callable[[str], None],
+        measured: Callable[[List[dict]], None] = lambda records: None) -> dict:
+    """The whole benchmark; ``measured(records)`` after each timed run."""
     opts = with_defaults(opts)
     check(opts)
     progress("building models" if opts.synthetic else "loading models")
     models = build_models(opts)
+    if not probe_bits(models.args):
+        progress(f"skipping the quantized matmul probes: hidden size {models.args.hidden_size} is not a multiple "
+                 f"of their group size {PROBE_GROUP_SIZE}; quantized experts are held to the dense peak")
     progress("probing the machine")
     # Probed before and after the trials: a shared machine's bandwidth drifts, and the report shows by how much.
     before = probe_now(models.args)
     engines = make_engines(models, opts.steps)
     progress("warming up (one untimed run per engine, counting experts)")
     distinct_counts = warm_up(engines, models.args, opts.prompt_tokens, opts.seed)
-    records = run_trials(engines, models.args, opts, progress)
+    records = run_trials(engines, models.args, opts, progress, measured)
     progress("probing the machine again")
     result = analyse(engines, records, distinct_counts, models, [before, probe_now(models.args)], opts)
     if opts.batches:
@@ -447,6 +467,55 @@ def run(opts: Options, progress: Callable[[str], None]) -> dict:
     return result
 
 
+def check_outputs(json_path: Optional[str], plot_path: Optional[str]) -> None:
+    """Refuse, before the first trial, an output that could not be written at
+    the end: a missing or unwritable folder, a directory, a plot without
+    matplotlib or in a format it does not write."""
+    for flag, path in (("--json", json_path), ("--plot", plot_path)):
+        if path is None:
+            continue
+        target = Path(path).expanduser()
+        if target.is_dir():
+            raise BenchError(f"{flag} {path} is a directory; give a file name")
+        if not target.parent.is_dir():
+            raise BenchError(f"{flag} {path}: no folder {target.parent}; create it or choose another path")
+        existed = target.exists()
+        try:
+            with open(target, "a"):
+                pass
+        except OSError as e:
+            raise BenchError(f"{flag} {path} cannot be written ({e.strerror}); choose another path") from None
+        if not existed:
+            target.unlink()
+    if plot_path is not None:
+        try:
+            from matplotlib.figure import Figure
+        except ImportError:
+            raise BenchError("--plot needs matplotlib, which is not installed: pip install matplotlib, "
+                             "or drop --plot") from None
+
+        formats = Figure().canvas.get_supported_filetypes()
+        if Path(plot_path).suffix.lstrip(".").lower() not in formats:
+            raise BenchError(f"--plot {plot_path}: matplotlib writes {', '.join('.' + f for f in sorted(formats))}; "
+                             "give one of those suffixes")
+
+
+def _write_json_atomically(document: dict, path: str) -> None:
+    """Write ``path`` whole or not at all (a kill mid-write leaves the last complete one)."""
+    target = Path(path).expanduser()
+    partial_file = target.with_name(f".{target.name}.partial")
+    partial_file.write_text(json.dumps(document, indent=2) + "\n")
+    os.replace(partial_file, target)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(opts: Options, json_path: Optional[str] = None, plot_path: Optional[str] = None) -> int:
     from rich.console import Console
 
@@ -454,14 +523,36 @@ def main(opts: Options, json_path: Optional[str] = None, plot_path: Optional[str
 
     # Wide enough for the tables when the output goes to a file or a pipe.
     console, errors = Console(width=None if sys.stdout.isatty() else 160), Console(stderr=True, soft_wrap=True)
+    opts = with_defaults(opts)
+    kept = []
+
+    def measured(records: List[dict]) -> None:
+        # What was measured so far, kept on disk, so that an interrupted run loses nothing it timed.
+        kept[:] = records
+        if json_path:
+            _write_json_atomically({"schema": SCHEMA, "complete": False, "command": " ".join(sys.argv),
+                                    "settings": asdict(replace(opts, steps=list(opts.steps))),
+                                    "records": records}, json_path)
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        result = run(opts, lambda line: errors.print(f"[dim]{line}[/dim]", highlight=False))
+        check(opts)
+        check_outputs(json_path, plot_path)
+        result = run(opts, lambda line: errors.print(f"[dim]{line}[/dim]", highlight=False), measured)
     except BenchError as e:
-        errors.print(f"mlxdg bench: {e}", highlight=False)
+        errors.print(f"mlxdg: {e}", highlight=False, markup=False)
         return 2
+    except KeyboardInterrupt as e:
+        where = f"; they are in {json_path} (\"complete\": false)" if json_path and kept else ""
+        stopped = "terminated" if isinstance(e, Terminated) else "interrupted"
+        errors.print(f"mlxdg: {stopped} after {len(kept)} timed run{'s' * (len(kept) != 1)}{where}",
+                     highlight=False, markup=False)
+        return 128 + signal.SIGTERM if isinstance(e, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     render.print_report(result, console)
     if json_path:
-        render.write_json(result, json_path)
+        _write_json_atomically(result, json_path)
         console.print(f"JSON written to {json_path}")
     if plot_path:
         console.print(render.write_plot(result, plot_path))
