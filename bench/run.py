@@ -35,6 +35,7 @@ from mlx_diffgemma.bench.roofline import (ar_token, commit, crossover_steps, den
                                           roofline)
 from mlx_diffgemma.bench.synthetic import SHAPES
 from mlx_diffgemma.cpu import DEQUANTIZED, NATIVE, UPCAST
+from mlx_diffgemma.loader import CheckpointError
 
 SCHEMA = "mlxdg-bench/1"
 AR_WARMUP_TOKENS = 16
@@ -542,6 +543,9 @@ def main(opts: Options, json_path: Optional[str] = None, plot_path: Optional[str
     except BenchError as e:
         errors.print(f"mlxdg: {e}", highlight=False, markup=False)
         return 2
+    except CheckpointError as e:  # --model or --ar-model
+        errors.print(f"mlxdg: {e}", highlight=False, markup=False)
+        return 1
     except KeyboardInterrupt as e:
         where = f"; they are in {json_path} (\"complete\": false)" if json_path and kept else ""
         stopped = "terminated" if isinstance(e, Terminated) else "interrupted"

@@ -600,7 +600,8 @@ def main(hf_path: Optional[str], mlx_path: str, quantize: bool, q_bits: Optional
             return 0
         if not hf_path:
             raise ConvertError("--hf-path is required")
-        convert(hf_path, mlx_path, quantize, q_bits, q_group_size, recipe, dtype, upload_repo, force, text_only)
+        convert(hf_path, mlx_path, quantize, q_bits, q_group_size, recipe, dtype, upload_repo, force, text_only,
+                show_progress=sys.stderr.isatty())
     except (ConvertError, CheckpointError) as e:
         print(f"mlxdg: {e}", file=sys.stderr)
         return 1

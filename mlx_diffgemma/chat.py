@@ -12,13 +12,15 @@ answer that ended on ``<eos>``, ran out of tokens or was stopped is closed the
 same way as one that ended on the end-of-turn token.
 """
 
+import signal
 import sys
 from typing import Callable, List, Optional
 
 from .commands import (CommandAnswer, Checkpoint, ContextTooLong, Settings, SoftInterrupt, error_line, first_messages,
-                       reported, run_answer)
+                       reported, require_stdout, run_answer)
 from .generate import prompt_ids, resolve_config
 from .live import make_view
+from .loader import check_chat_template
 from .memory import InsufficientMemory
 from .sudoku import is_sudoku
 from .sudoku.puzzles import PuzzleError, format_grid, parse as parse_puzzle
@@ -91,6 +93,9 @@ def repl(session: ChatSession, make_view: Callable[[], object]) -> None:
         except KeyboardInterrupt:
             print()
             continue
+        except UnicodeDecodeError as e:
+            error_line(f"that message is not valid UTF-8 (byte {e.start}); type it again")
+            continue
         if not sys.stdin.isatty():
             print(message)  # what a terminal would have echoed, so that a piped session reads as one
         if message == "/exit":
@@ -110,6 +115,9 @@ def repl(session: ChatSession, make_view: Callable[[], object]) -> None:
         except (ContextTooLong, InsufficientMemory, PuzzleError) as e:
             error_line(str(e))
             continue
+        if interrupt.signal_number == signal.SIGTERM:
+            error_line("terminated")
+            raise SystemExit(interrupt.exit_code)
         if answer.finish_reason == "interrupted":
             error_line("answer stopped")
 
@@ -117,8 +125,11 @@ def repl(session: ChatSession, make_view: Callable[[], object]) -> None:
 def chat_command(settings: Settings) -> None:
     """``mlxdg chat``."""
     with reported(settings.debug):
+        require_stdout()
         checkpoint = Checkpoint(settings)
         tokenizer = checkpoint.tokenizer
+        check_chat_template(tokenizer, checkpoint.path, advice="chat needs one; mlxdg generate "
+                            "--ignore-chat-template answers a prompt as it is")
         opening = prompt_ids(tokenizer, None, messages=first_messages(settings, ""), enable_thinking=settings.think)[0]
         checkpoint.check_memory(len(opening))
         session = ChatSession(checkpoint, checkpoint.load(), settings)

@@ -10,7 +10,8 @@ import typer
 
 from . import __version__, blas
 from .chat import chat_command
-from .commands import DEFAULT_MODEL, MODEL_ENV, Settings, batch_command, generate_command, memory_limit_option
+from .commands import (DEFAULT_MODEL, MAX_SEED, MAX_STEPS, MODEL_ENV, Settings, batch_command, finite_option,
+                       generate_command, int_range_option, memory_limit_option)
 from .cpu import CPU_DEQUANTIZE_MODES
 from .sudoku.cli import app as sudoku_app
 
@@ -137,13 +138,16 @@ SETTINGS_OPTIONS = {
     "max_tokens": Annotated[Optional[int], typer.Option(
         "--max-tokens", "-m", min=1, help="Most tokens to generate (default: the checkpoint's, else 256).")],
     "steps": Annotated[Optional[int], typer.Option(
-        "--steps", "--max-denoising-steps", min=1,
+        "--steps", "--max-denoising-steps", callback=int_range_option(1, MAX_STEPS),
         help="Most denoising steps per block (default: the checkpoint's).")],
     "entropy_bound": Annotated[Optional[float], typer.Option(
-        "--entropy-bound", help="Entropy (nats) of the positions a step may accept; higher takes more per step.")],
-    "t_min": Annotated[Optional[float], typer.Option("--t-min", help="Temperature of the last step.")],
-    "t_max": Annotated[Optional[float], typer.Option("--t-max", help="Temperature of the first step.")],
-    "seed": Annotated[Optional[int], typer.Option("--seed", help="Seed of the sampler's random draws.")],
+        "--entropy-bound", callback=finite_option, help="Entropy (nats) of the positions a step may accept; higher takes more per step.")],
+    "t_min": Annotated[Optional[float], typer.Option(
+        "--t-min", callback=finite_option, help="Temperature of the last step.")],
+    "t_max": Annotated[Optional[float], typer.Option(
+        "--t-max", callback=finite_option, help="Temperature of the first step.")],
+    "seed": Annotated[Optional[int], typer.Option(
+        "--seed", callback=int_range_option(0, MAX_SEED), help="Seed of the sampler's random draws.")],
     "system": Annotated[Optional[str], typer.Option("--system", "--system-prompt", help="System prompt.")],
     "think": Annotated[bool, typer.Option(
         "--think", help="Let the model think first; thoughts go to stderr, or dimmed into the live view.")],

@@ -4,6 +4,7 @@ answer with a view and a soft Ctrl-C; reporting errors in one line.
 """
 
 import json
+import math
 import os
 import signal
 import sys
@@ -20,7 +21,8 @@ from .engine import Draft
 from .generate import (Answer, Answers, Block, GenerationResult, generation_result, print_summary, prompt_ids,
                        run_statistics, stream_blocks)
 from .live import make_view
-from .loader import CheckpointError, load_checkpoint_tokenizer, load_model, read_config, resolve_model_path
+from .loader import (CheckpointError, check_chat_template, load_checkpoint_tokenizer, load_model, read_config,
+                     resolve_model_path)
 from .memory import InsufficientMemory, checkpoint_weight_bytes, device_budget, largest_context, parse_size, plan
 from .model import ModelArgs
 from .sampler import SamplerConfig
@@ -76,6 +78,27 @@ def memory_limit_option(value: Optional[str]) -> Optional[str]:
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
     return value
+
+
+# Steps per block the CLI accepts: the checkpoints use up to 48; far more only burns time.
+MAX_STEPS = 1024
+MAX_SEED = 2**64 - 1  # MLX's seeds are unsigned 64-bit
+
+
+def finite_option(value: Optional[float]) -> Optional[float]:
+    """Typer callback: a temperature or entropy bound, a finite number >= 0."""
+    if value is not None and not (0 <= value < math.inf):
+        raise typer.BadParameter(f"{value} is not in the range 0 <= x < inf")
+    return value
+
+
+def int_range_option(low: int, high: int):
+    """A Typer callback that keeps an integer option within [low, high], saying so."""
+    def check(value: Optional[int]) -> Optional[int]:
+        if value is not None and not low <= value <= high:
+            raise typer.BadParameter(f"{value} is not in the range {low} <= x <= {high}")
+        return value
+    return check
 
 
 class Checkpoint:
@@ -136,24 +159,36 @@ def _activation_bytes(config: dict) -> int:
 
 
 class SoftInterrupt:
-    """While active, a first Ctrl-C only asks the running answer to stop after
-    the current denoising step, which leaves the KV cache whole; a second one
-    raises KeyboardInterrupt at once."""
+    """While active, a first Ctrl-C (or SIGTERM, as ``timeout`` and closing
+    sessions send) only asks the running answer to stop after the current
+    denoising step, which leaves the KV cache whole and what was committed
+    written; a second one raises KeyboardInterrupt at once."""
 
     requested = False
+    signal_number: Optional[int] = None  # the signal that asked
 
     def __enter__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+        self.requested, self.signal_number = False, None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signal_number = True, signum
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's status for the signal that stopped the answer."""
+        return 128 + (self.signal_number or signal.SIGINT)
+
+    @property
+    def verb(self) -> str:
+        return "terminated" if self.signal_number == signal.SIGTERM else "interrupted"
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 @dataclass
@@ -224,6 +259,10 @@ def reported(debug: bool):
         yield
     except (typer.Exit, typer.BadParameter):
         raise
+    except BrokenPipeError:
+        # The reader went away (``| head``): nothing to say, and nothing more to write at exit either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(128 + signal.SIGPIPE) from None
     except (CheckpointError, InsufficientMemory, ContextTooLong, PuzzleError) as e:
         if debug:
             raise
@@ -248,10 +287,18 @@ def first_messages(settings: Settings, message: str) -> List[dict]:
     return system + [{"role": "user", "content": message}]
 
 
+def require_stdout() -> None:
+    """Refuse to run when the answer could not be written: standard output closed."""
+    if sys.stdout is None:
+        raise CheckpointError("standard output is closed, so the answer could not be written; "
+                              "redirect it to a file instead (> answer.txt)")
+
+
 def generate_command(settings: Settings, prompt: Optional[str], prompt_file: Optional[Path],
                      no_chat_template: bool, json_output: bool) -> None:
     """``mlxdg generate``."""
     with reported(settings.debug):
+        require_stdout()
         text = read_prompt(prompt, prompt_file)
         checkpoint = Checkpoint(settings)
         tokenizer = checkpoint.tokenizer
@@ -259,7 +306,9 @@ def generate_command(settings: Settings, prompt: Optional[str], prompt_file: Opt
         if is_sudoku(checkpoint.config):
             puzzle = parse_puzzle(text)
             text = format_grid(puzzle)
-        if no_chat_template or not tokenizer.has_chat_template:
+        if not no_chat_template:
+            check_chat_template(tokenizer, checkpoint.path)
+        if no_chat_template:
             if settings.system:
                 raise typer.BadParameter("needs the chat template", param_hint="--system")
             ids = prompt_ids(tokenizer, text)[0]
@@ -283,8 +332,8 @@ def generate_command(settings: Settings, prompt: Optional[str], prompt_file: Opt
             typer.echo(json.dumps({"model": str(checkpoint.path), "seed": settings.seed, **answer.as_json()}))
         if answer.finish_reason == "interrupted":
             blocks = len(answer.steps)
-            error_line(f"interrupted; the answer so far is the {blocks} committed block{'s' * (blocks != 1)}")
-            raise typer.Exit(130)
+            error_line(f"{interrupt.verb}; the answer so far is the {blocks} committed block{'s' * (blocks != 1)}")
+            raise typer.Exit(interrupt.exit_code)
 
 
 def batch_command(settings: Settings, prompts_file: Path, no_chat_template: bool, json_output: bool,
@@ -293,10 +342,13 @@ def batch_command(settings: Settings, prompts_file: Path, no_chat_template: bool
     (at most ``max_batch`` at once); the answers in the file's order (JSON
     Lines with ``--json``)."""
     with reported(settings.debug):
+        require_stdout()
         texts = read_prompts(prompts_file)
         checkpoint = Checkpoint(settings)
         tokenizer = checkpoint.tokenizer
-        use_template = not no_chat_template and tokenizer.has_chat_template
+        if not no_chat_template:
+            check_chat_template(tokenizer, checkpoint.path)
+        use_template = not no_chat_template
         rows = [prompt_ids(tokenizer, None, messages=first_messages(settings, text), enable_thinking=settings.think)[0]
                 if use_template else prompt_ids(tokenizer, text)[0] for text in texts]
         longest = max(len(ids) for ids in rows)
@@ -308,6 +360,7 @@ def batch_command(settings: Settings, prompts_file: Path, no_chat_template: bool
                                  seed=settings.seed, memory_limit=settings.memory_limit, max_batch=max_batch,
                                  **settings.path)
         written = 0
+        previous = signal.signal(signal.SIGTERM, _terminate)
         try:
             with batch_progress() as progress:
                 task = progress.add_task("answering", total=len(texts))
@@ -320,13 +373,23 @@ def batch_command(settings: Settings, prompts_file: Path, no_chat_template: bool
                     while written in answers.rows and answers.rows[written].finish_reason is not None:
                         write_answer(written, texts[written], answers.rows[written], json_output)
                         written += 1
-        except KeyboardInterrupt:
-            error_line(f"interrupted; the first {written} of {len(texts)} answers were written")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as e:
+            stopped, code = ("terminated", 128 + signal.SIGTERM) if isinstance(e, Terminated) else ("interrupted", 130)
+            error_line(f"{stopped}; the first {written} of {len(texts)} answers were written")
+            raise typer.Exit(code) from None
         finally:
+            signal.signal(signal.SIGTERM, previous)
             events.close()
         if settings.verbose and not json_output:
             print_summary(answers.result(), texts=False)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM where it stops the work at once, as Ctrl-C does."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
 
 
 def batch_progress() -> Progress:
@@ -351,7 +414,7 @@ def write_answer(index: int, prompt: str, answer: Answer, json_output: bool) -> 
 def read_prompts(path: Path) -> List[str]:
     """One prompt per line, or JSON Lines whose objects have a "prompt" (blank lines skipped)."""
     prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_utf8(path, "--prompts-file").splitlines(), start=1):
         if not line.strip():
             continue
         if line.lstrip().startswith("{"):
@@ -373,14 +436,32 @@ def read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
         raise typer.BadParameter("give the prompt or --prompt-file, not both", param_hint="PROMPT")
     # A file or a pipe usually ends in a newline the user did not mean as part of the prompt.
     if prompt_file is not None:
-        text = prompt_file.read_text().rstrip("\n")
+        text = read_utf8(prompt_file, "--prompt-file").rstrip("\n")
     elif prompt == "-":
-        text = sys.stdin.read().rstrip("\n")
+        text = decode_utf8(sys.stdin.buffer.read() if sys.stdin else b"", "standard input", "PROMPT").rstrip("\n")
     elif prompt is None:
         raise typer.BadParameter('give a prompt: mlxdg generate "..." , - to read stdin, or --prompt-file',
                                  param_hint="PROMPT")
     else:
-        text = prompt
+        # Arguments arrive decoded with surrogate escapes where their bytes were not valid.
+        text = decode_utf8(os.fsencode(prompt), "the prompt argument", "PROMPT")
     if not text.strip():
         raise typer.BadParameter("the prompt is empty", param_hint="PROMPT")
     return text
+
+
+def decode_utf8(data: bytes, source: str, param_hint: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise typer.BadParameter(f"{source} is not valid UTF-8 (byte {e.start}); convert it to UTF-8 first",
+                                 param_hint=param_hint) from None
+
+
+def read_utf8(path: Path, flag: str) -> str:
+    """The text of a prompt file, refused in one line when unreadable or not UTF-8."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise typer.BadParameter(f"cannot read {path} ({e.strerror})", param_hint=flag) from None
+    return decode_utf8(data, str(path), flag)

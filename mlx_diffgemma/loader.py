@@ -133,19 +133,21 @@ def chat_template_file(path: Path) -> Path:
     return jinja if jinja.is_file() else path / "tokenizer_config.json"
 
 
-def check_chat_template(tokenizer, path: Path) -> None:
+IGNORE_TEMPLATE = "pass --ignore-chat-template to use the prompt as it is"
+
+
+def check_chat_template(tokenizer, path: Path, advice: str = IGNORE_TEMPLATE) -> None:
     """Refuse a checkpoint with no chat template, or one that does not render
-    a one-message conversation, naming the file and the way around it."""
+    a one-message conversation, naming the file and ``advice``."""
     if not tokenizer.has_chat_template:
         raise CheckpointError(f"{path} has no chat template (chat_template.jinja, or chat_template in "
-                              "tokenizer_config.json); pass --ignore-chat-template to use the prompt as it is")
+                              f"tokenizer_config.json); {advice}")
     try:
         tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
                                       tokenize=False)
     except Exception as e:  # jinja2's syntax and rendering errors, and whatever the template raises
         raise CheckpointError(f"{chat_template_file(path)}: the chat template does not render "
-                              f"({type(e).__name__}: {_first_line(e)}); fix it, or pass --ignore-chat-template "
-                              "to use the prompt as it is") from None
+                              f"({type(e).__name__}: {_first_line(e)}); fix it, or {advice}") from None
 
 
 def load(path_or_hf_repo: str, revision: str = None, lazy: bool = False,
