@@ -228,10 +228,10 @@ def largest_context(prompt_lengths: Iterable[int], max_new_tokens: int, canvas_l
 # cross-entropy and its gradient), and the activations a layer keeps for the
 # backward pass per token, in hidden-size units besides its attention
 # probabilities and MLP widths. Calibrated with mx.get_peak_memory() on the
-# 26B-A4B layer shapes (bench/train_memory.py); change them when the
-# objective's code path changes.
-TRAIN_LOGIT_BUFFERS = 3.0
-TRAIN_HIDDEN_PER_TOKEN_LAYER = 16
+# "small" synthetic shape with and without --grad-checkpoint (bench/train_step.py
+# forecasts both within 1%); change them when the objective's code path changes.
+TRAIN_LOGIT_BUFFERS = 4.0
+TRAIN_HIDDEN_PER_TOKEN_LAYER = 24
 # Bytes per trainable parameter besides the parameter itself: its gradient and
 # the optimizer's state (Adam keeps two moments), in float32.
 OPTIMIZER_STATE_FLOATS = {"adam": 3, "adamw": 3, "sgd": 2, "adafactor": 2, "muon": 2}
