@@ -27,7 +27,7 @@ from typing import Callable, Mapping, Optional
 
 OPT_OUT_ENV = "MLXDG_NO_BLAS_PRELOAD"
 INSTALL_HINT = (
-    "mlx-diffgemma: MLX is running on its bundled reference BLAS (about 20x slower than OpenBLAS); "
+    "mlxdg: MLX is running on its bundled reference BLAS (about 20x slower than OpenBLAS); "
     "install OpenBLAS (Debian/Ubuntu: apt-get install libopenblas0-pthread; Fedora: dnf install "
     f"openblas) or set {OPT_OUT_ENV}=1 to silence this"
 )
@@ -69,7 +69,7 @@ def decide(
         return Decision("hint", str(bundled_blas), message=INSTALL_HINT)
     if mlx_loaded:
         return Decision("hint", str(bundled_blas), message=(
-            "mlx-diffgemma: MLX was imported before mlx_diffgemma, so it runs on its bundled reference "
+            "mlxdg: MLX was imported before mlx_diffgemma, so it runs on its bundled reference "
             f"BLAS (about 20x slower); import mlx_diffgemma first, or run with LD_PRELOAD={openblas}"
         ))
     return Decision("load", str(openblas), path=openblas)
@@ -166,7 +166,7 @@ def setup() -> str:
                 ctypes.CDLL(str(decision.path), mode=os.RTLD_NOW | os.RTLD_GLOBAL)
             except OSError as e:
                 decision = Decision("hint", str(bundled),
-                                    message=f"mlx-diffgemma: cannot load {decision.path}: {e}")
+                                    message=f"mlxdg: cannot load {decision.path}: {e}")
         if decision.action == "hint":
             print(decision.message, file=sys.stderr)
         _blas = decision.blas

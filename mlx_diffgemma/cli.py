@@ -1,22 +1,100 @@
-"""The ``mlxdg`` command line."""
+"""The ``mlxdg`` command line.
 
+Each command imports what it runs inside its function, so that ``mlxdg
+--help`` and usage errors come back without loading MLX's model code,
+mlx-lm or transformers.
+"""
+
+import difflib
 import functools
 import inspect
+import os
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
-from . import __version__, blas
-from .chat import chat_command
-from .commands import (DEFAULT_MODEL, MAX_SEED, MAX_STEPS, MODEL_ENV, Settings, batch_command, finite_option,
-                       generate_command, int_range_option, memory_limit_option)
-from .cpu import CPU_DEQUANTIZE_MODES
+from . import __version__
+from .errors import describe, error_line
+from .settings import (CPU_DEQUANTIZE_MODES, DEFAULT_MODEL, MAX_SEED, MAX_STEPS, MODEL_ENV, Settings, finite_option,
+                       int_range_option, memory_limit_option)
 from .sudoku.cli import app as sudoku_app
+
+DEBUG = "--debug"
+
+# Click's exceptions, or the copy of click that typer carries.
+_click = sys.modules[typer.BadParameter.__module__]
+
+
+class Commands(TyperGroup):
+    """Every failure as one ``mlxdg:`` line and a non-zero exit, usage errors
+    included; ``--debug``, which every command takes, keeps the traceback."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        args = list(sys.argv[1:] if args is None else args)
+        options = args[: args.index("--")] if "--" in args else args
+        self.debug = DEBUG in options
+        command = self.commands.get(next((a for a in options if a in self.commands), None))
+        if self.debug and (command is None or not any(DEBUG in p.opts for p in command.params)):
+            args.remove(DEBUG)  # a command that does not declare it takes it all the same
+        extra.pop("standalone_mode", None)
+        try:
+            code = super().main(args, prog_name or "mlxdg", standalone_mode=False, **extra)
+        except _click.ClickException as e:
+            error_line(usage_error(e))
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            error_line("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (_click.ClickException, typer.Exit, typer.Abort):
+            raise
+        except BrokenPipeError:
+            # The reader went away (``| head``): nothing to say, and nothing more to write at exit either.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(141) from None
+        except KeyboardInterrupt:
+            if self.debug:
+                raise
+            error_line("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as e:
+            if self.debug:
+                raise
+            error_line(describe(e))
+            raise typer.Exit(1) from None
+
+
+
+def usage_error(error) -> str:
+    """A usage error as one line: what is wrong, with which flag, and what to do."""
+    ctx = getattr(error, "ctx", None)
+    where = ctx.command_path if ctx is not None else "mlxdg"
+    if isinstance(error, _click.NoSuchOption) and ctx is not None:
+        options = [o for p in ctx.command.params for o in p.opts + p.secondary_opts if o.startswith("-")]
+        close = difflib.get_close_matches(error.option_name, options, n=1, cutoff=0.5)
+        fix = f"did you mean {close[0]}?" if close else f"{where} --help lists the options"
+        return f"no such option ({error.option_name}): {fix}"
+    message = " ".join(error.format_message().split()).rstrip(".")
+    return f"{message}; {where} --help says more"
+
+
+def print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"mlx-diffgemma {__version__}")
+        raise typer.Exit()
+
 
 app = typer.Typer(
     name="mlxdg",
+    cls=Commands,
     help="Run Google's DiffusionGemma block-diffusion language model with MLX.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -41,14 +119,21 @@ app.add_typer(sudoku_app, name="sudoku")
 
 
 @app.callback()
-def main():
-    """Run Google's DiffusionGemma block-diffusion language model with MLX."""
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=print_version, is_eager=True,
+                                          help="Print mlx-diffgemma's version and exit.")] = False,
+):
+    """Run Google's DiffusionGemma block-diffusion language model with MLX.
+
+    Errors are one line; --debug after any command shows the traceback instead."""
 
 
 @app.command()
 def version():
     """Print the versions of mlx-diffgemma and MLX, and the BLAS MLX runs on."""
     import mlx.core as mx
+
+    from . import blas
 
     typer.echo(f"mlx-diffgemma {__version__}, mlx {mx.__version__}, BLAS {blas.setup()}")
 
@@ -142,6 +227,8 @@ SETTINGS_OPTIONS = {
         help="Most denoising steps per block (default: the checkpoint's).")],
     "entropy_bound": Annotated[Optional[float], typer.Option(
         "--entropy-bound", callback=finite_option, help="Entropy (nats) of the positions a step may accept; higher takes more per step.")],
+    "temp": Annotated[Optional[float], typer.Option(
+        "--temp", callback=finite_option, help="A constant temperature: --t-min and --t-max both this.")],
     "t_min": Annotated[Optional[float], typer.Option(
         "--t-min", callback=finite_option, help="Temperature of the last step.")],
     "t_max": Annotated[Optional[float], typer.Option(
@@ -195,6 +282,8 @@ def with_settings(command):
 @with_settings
 def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="The prompt; - reads it from stdin.")] = None,
+    prompt_option: Annotated[Optional[str], typer.Option(
+        "-p", "--prompt", help="The prompt, as mlx-lm takes it; - reads it from stdin.")] = None,
     prompt_file: Annotated[Optional[Path], typer.Option(
         "--prompt-file", exists=True, dir_okay=False, help="Read the prompt from this file.")] = None,
     no_chat_template: Annotated[bool, typer.Option(
@@ -213,6 +302,11 @@ def generate(
     settings: Settings,
 ):
     """Answer one prompt, streaming the text block by block (or a file of prompts, batched)."""
+    from .commands import batch_command, generate_command
+
+    if prompt is not None and prompt_option is not None:
+        raise typer.BadParameter("give the prompt once: as an argument or with -p", param_hint="-p/--prompt")
+    prompt = prompt if prompt_option is None else prompt_option
     if prompts_file is not None:
         if prompt is not None or prompt_file is not None:
             raise typer.BadParameter("--prompts-file replaces the prompt", param_hint="--prompts-file")
@@ -227,6 +321,8 @@ def generate(
 @with_settings
 def chat(*, settings: Settings):
     """Chat in the terminal; the KV cache is kept between turns."""
+    from .chat import chat_command
+
     chat_command(settings)
 
 

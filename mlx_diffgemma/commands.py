@@ -4,7 +4,6 @@ answer with a view and a soft Ctrl-C; reporting errors in one line.
 """
 
 import json
-import math
 import os
 import signal
 import sys
@@ -18,87 +17,22 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .engine import Draft
+from .errors import UserError, describe, error_line
 from .generate import (Answer, Answers, Block, GenerationResult, generation_result, print_summary, prompt_ids,
                        run_statistics, stream_blocks)
 from .live import make_view
 from .loader import (CheckpointError, check_chat_template, load_checkpoint_tokenizer, load_model, read_config,
                      resolve_model_path)
-from .memory import InsufficientMemory, checkpoint_weight_bytes, device_budget, largest_context, parse_size, plan
+from .memory import checkpoint_weight_bytes, device_budget, largest_context, plan
 from .model import ModelArgs
 from .sampler import SamplerConfig
+from .settings import DEFAULT_MODEL, MODEL_ENV, Settings, memory_limit_option  # noqa: F401  (callers find them here)
 from .sudoku import is_sudoku
 from .sudoku.puzzles import PuzzleError, format_grid, parse as parse_puzzle, warn_if_unsolved
 
-DEFAULT_MODEL = "mlx-community/diffusiongemma-26B-A4B-it-4bit"
-MODEL_ENV = "MLXDG_MODEL"
 
-
-class ContextTooLong(ValueError):
+class ContextTooLong(UserError, ValueError):
     """A prompt that, with its answer, needs more positions than the model has."""
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The options ``generate`` and ``chat`` both take (see ``cli``)."""
-
-    model: Optional[str] = None
-    max_tokens: Optional[int] = None
-    steps: Optional[int] = None
-    entropy_bound: Optional[float] = None
-    t_min: Optional[float] = None
-    t_max: Optional[float] = None
-    seed: Optional[int] = None
-    system: Optional[str] = None
-    think: bool = False
-    verbose: bool = False
-    no_live: bool = False
-    cpu_dequantize: str = "auto"
-    memory_limit: Optional[str] = None
-    exact: bool = True
-    sc_top_k: Optional[int] = None
-    canvas: str = "full"
-    adapter_path: Optional[str] = None
-    debug: bool = False
-
-    @property
-    def model_ref(self) -> str:
-        return self.model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
-
-    @property
-    def path(self) -> dict:
-        """The engine's path options, as ``stream_generate`` takes them."""
-        return {"exact": self.exact, "top_k": self.sc_top_k, "canvas": self.canvas}
-
-
-def memory_limit_option(value: Optional[str]) -> Optional[str]:
-    """Typer callback: a size ``memory.parse_size`` reads, checked at parse time."""
-    if value is not None:
-        try:
-            parse_size(value)
-        except ValueError as e:
-            raise typer.BadParameter(str(e)) from None
-    return value
-
-
-# Steps per block the CLI accepts: the checkpoints use up to 48; far more only burns time.
-MAX_STEPS = 1024
-MAX_SEED = 2**64 - 1  # MLX's seeds are unsigned 64-bit
-
-
-def finite_option(value: Optional[float]) -> Optional[float]:
-    """Typer callback: a temperature or entropy bound, a finite number >= 0."""
-    if value is not None and not (0 <= value < math.inf):
-        raise typer.BadParameter(f"{value} is not in the range 0 <= x < inf")
-    return value
-
-
-def int_range_option(low: int, high: int):
-    """A Typer callback that keeps an integer option within [low, high], saying so."""
-    def check(value: Optional[int]) -> Optional[int]:
-        if value is not None and not low <= value <= high:
-            raise typer.BadParameter(f"{value} is not in the range {low} <= x <= {high}")
-        return value
-    return check
 
 
 class Checkpoint:
@@ -117,9 +51,7 @@ class Checkpoint:
 
             read_adapter_config(Path(settings.adapter_path).expanduser())  # a bad folder fails before the weights load
         try:
-            self.sampler = SamplerConfig.from_checkpoint(self.path).override(
-                max_new_tokens=settings.max_tokens, max_denoising_steps=settings.steps,
-                entropy_bound=settings.entropy_bound, t_min=settings.t_min, t_max=settings.t_max)
+            self.sampler = SamplerConfig.from_checkpoint(self.path).override(**settings.sampler_overrides())
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
 
@@ -248,10 +180,6 @@ def run_answer(model, tokenizer, prompt: List[int], sampler: SamplerConfig, sett
     return answer
 
 
-def error_line(message: str) -> None:
-    typer.echo(f"mlxdg: {message}", err=True)
-
-
 @contextmanager
 def reported(debug: bool):
     """Errors become one line on stderr and a non-zero exit; ``debug`` keeps the traceback."""
@@ -263,7 +191,7 @@ def reported(debug: bool):
         # The reader went away (``| head``): nothing to say, and nothing more to write at exit either.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(128 + signal.SIGPIPE) from None
-    except (CheckpointError, InsufficientMemory, ContextTooLong, PuzzleError) as e:
+    except (UserError, PuzzleError) as e:
         if debug:
             raise
         error_line(str(e))
@@ -276,8 +204,7 @@ def reported(debug: bool):
     except Exception as e:
         if debug:
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        error_line(f"{type(e).__name__}: {first} (--debug shows the traceback)")
+        error_line(describe(e))
         raise typer.Exit(1) from None
 
 

@@ -21,8 +21,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from .memory import device_budget, weight_bytes
+from .settings import CPU_DEQUANTIZE_MODES
 
-CPU_DEQUANTIZE_MODES = ("auto", "always", "never")
 
 # What ``model.weight_paths["dense" | "experts"]`` can say about a group of matrices.
 NATIVE = "native"  # as the checkpoint stores them
@@ -146,6 +146,6 @@ def _say(counts: Dict[str, Dict[str, int]], total: int, skipped: bool, cpu_dequa
         done.append(f"dequantized {dequantized} of {quantized} quantized matrices")
     if half:
         done.append(f"converted {upcast} of {half} half-precision matrices")
-    print(f"mlx-diffgemma: for MLX's CPU backend, {' and '.join(done)} to float32 (model now "
+    print(f"mlxdg: for MLX's CPU backend, {' and '.join(done)} to float32 (model now "
           f"{total / 2**20:,.0f} MiB)" + ("; the rest would not fit in memory" if skipped else "")
           + ("; --cpu-dequantize never keeps them quantized" if dequantized else ""), file=sys.stderr)

@@ -19,6 +19,7 @@ from typing import Iterable, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .errors import UserError
 from .model import VISION_PREFIXES, ModelArgs
 from .safetensors_header import weight_headers
 
@@ -38,7 +39,7 @@ CPU_MIN_RESERVE = 2 * GiB
 
 
 
-class InsufficientMemory(RuntimeError):
+class InsufficientMemory(UserError, RuntimeError):
     """A request that cannot fit, said in one line before anything large is allocated."""
 
 
@@ -212,7 +213,7 @@ def wire_weights(weight_bytes: int) -> None:
     if recommended is None:
         return
     if weight_bytes > 0.9 * recommended:
-        print(f"[mlxdg] the weights ({weight_bytes / GiB:.1f} GiB) are close to the GPU's working set "
+        print(f"mlxdg: the weights ({weight_bytes / GiB:.1f} GiB) are close to the GPU's working set "
               f"({recommended / GiB:.1f} GiB); generation may be slow", file=sys.stderr)
     mx.set_wired_limit(recommended)
 

@@ -14,6 +14,8 @@ import struct
 from pathlib import Path
 from typing import Dict
 
+from .errors import UserError
+
 # Bytes per element of each safetensors dtype.
 DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "U64": 8, "U32": 4, "I16": 2,
                "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -23,7 +25,7 @@ _MAX_HEADER_BYTES = 100 << 20
 _ADVICE = "download or convert the checkpoint again"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used, with a message meant for people."""
 
 

@@ -92,7 +92,7 @@ def run_bound(command, **env):
     assert result.returncode == 0, result.stderr[-2000:]
     bindings = re.findall(r"^\s*(\d+):\s+binding file \S*/libmlx\.so \[0\] to (\S+) \[0\]: normal symbol `cblas_sgemm'",
                           result.stderr, re.MULTILINE)
-    said = [line for line in result.stderr.splitlines() if "mlx-diffgemma:" in line]
+    said = [line for line in result.stderr.splitlines() if "mlxdg:" in line]
     return result.stdout, bindings, said
 
 

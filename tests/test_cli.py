@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+import mlx_diffgemma
 from mlx_diffgemma import batch_generate, commands, load
 from mlx_diffgemma.cli import app
 from mlx_diffgemma.generate import Block
@@ -116,6 +117,58 @@ def test_prompt_from_stdin_and_from_a_file(checkpoint, tmp_path):
     assert run(checkpoint, "--seed", 2, prompt="-", input=PROMPT + "\n").stdout == direct
     (tmp_path / "prompt.txt").write_text(PROMPT + "\n")
     assert run(checkpoint, "--seed", 2, "--prompt-file", tmp_path / "prompt.txt", prompt=None).stdout == direct
+    # mlx-lm's -p/--prompt, with - for stdin too.
+    assert run(checkpoint, "--seed", 2, "-p", PROMPT, prompt=None).stdout == direct
+    assert run(checkpoint, "--seed", 2, "--prompt", "-", prompt=None, input=PROMPT).stdout == direct
+    both = run(checkpoint, "-p", PROMPT)
+    assert both.exit_code == 2 and both.stderr.startswith("mlxdg: ") and "-p/--prompt" in both.stderr
+
+
+def test_temp_is_t_min_and_t_max_both(checkpoint):
+    def tokens(*args):
+        result = mlxdg("generate", "-p", "hi", *args, "-m", 8, "--model", checkpoint, "--seed", 5, "--json")
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["tokens"]
+
+    constant = tokens("--temp", 0.5)
+    assert constant == tokens("--t-min", 0.5, "--t-max", 0.5) and constant != tokens("--temp", 1.5)
+    clash = mlxdg("generate", "-p", "hi", "--temp", 0.5, "--t-min", 0.2, "--model", checkpoint)
+    assert clash.exit_code == 2 and clash.stderr.startswith("mlxdg: ") and "--temp" in clash.stderr
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["generate", "hi", "--tmep", 3], 2, "no such option (--tmep): did you mean --temp?"),
+    (["generate", "hi", "--max-tokns", 3], 2, "did you mean --max-tokens?"),
+    (["generate", "hi", "-m", 0], 2, "Invalid value for '--max-tokens' / '-m'"),
+    (["generat", "hi"], 2, "No such command 'generat'"),
+    (["chat", "--steps"], 2, "requires an argument"),
+    (["bench", "--steps", "x,y"], 2, "--steps"),
+])
+def test_usage_errors_are_one_line(args, code, message):
+    result = mlxdg(*args)
+    assert result.exit_code == code and result.stdout == ""
+    assert result.stderr.startswith("mlxdg: ") and result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr, result.stderr
+
+
+def test_version_and_debug_on_every_command():
+    assert mlxdg("--version").stdout == f"mlx-diffgemma {mlx_diffgemma.__version__}\n"
+    assert mlxdg("version", "--debug").exit_code == 0
+    failed = mlxdg("convert", "--hf-path", "/no/such/dir", "--debug")
+    assert failed.exit_code == 1 and failed.stderr.startswith("mlxdg: ")
+
+
+def test_help_loads_no_model_code():
+    """``--help`` imports neither mlx-lm nor transformers (their import takes seconds);
+    and the package's ``generate`` is the function, whichever import came first."""
+    code = ("import sys, mlx_diffgemma.generate, mlx_diffgemma.cli as cli\n"
+            "assert callable(mlx_diffgemma.generate) and mlx_diffgemma.generate.__module__ == 'mlx_diffgemma.generate'\n"
+            "from mlx_diffgemma import generate; assert generate is sys.modules['mlx_diffgemma.generate'].generate\n")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
+    code = ("import sys\nfrom mlx_diffgemma.cli import app\ntry:\n    app(['generate', '--help'])\n"
+            "except SystemExit:\n    pass\nprint(sorted(m for m in ('mlx_lm', 'transformers', 'torch') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env())
+    assert done.returncode == 0 and done.stdout.splitlines()[-1] == "[]", done.stderr
 
 
 def test_prompt_options_shape_the_prompt(checkpoint):
@@ -198,7 +251,7 @@ def wrong_model_type(tmp_path):
     pytest.param(["--prompt-file", "/no/such/file"], 2, "Invalid value for '--prompt-file'", id="prompt file"),
 ])
 def test_errors(checkpoint, tmp_path, monkeypatch, args, code, message):
-    """One line (or typer's usage error), the right exit code, and no weights read first."""
+    """One line, the right exit code, and no weights read first."""
     def never(*a, **k):
         raise AssertionError("the weights were read")
 
@@ -209,8 +262,7 @@ def test_errors(checkpoint, tmp_path, monkeypatch, args, code, message):
     result = mlxdg("generate", *prompt, *model, *args)
     assert result.exit_code == code, result.output
     assert message in " ".join(result.stderr.split()), result.stderr
-    if code == 1:
-        assert result.stderr.startswith("mlxdg: ") and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("mlxdg: ") and result.stderr.count("\n") == 1, result.stderr
 
 
 def test_a_batch_that_cannot_fit_fails_before_the_weights_are_read(checkpoint, tmp_path, monkeypatch):

@@ -51,7 +51,7 @@ def mlx_logits(model, prompt, canvas, self_conditioned=False) -> np.ndarray:
 
 def said(capfd) -> list:
     """Our lines on stderr since the last look (transformers' progress bars aside)."""
-    return [line for line in capfd.readouterr().err.splitlines() if line.startswith("mlx-diffgemma:")]
+    return [line for line in capfd.readouterr().err.splitlines() if line.startswith("mlxdg:")]
 
 
 def agreement(a, b) -> float:
