@@ -194,8 +194,15 @@ def main(opts: SudokuOptions, json_path: Optional[str] = None, plot_path: Option
 
     from rich.console import Console
 
+    from .run import BenchError, check_outputs
+
     console = Console(width=None if sys.stdout.isatty() else 160)
     errors = Console(stderr=True, soft_wrap=True)
+    try:
+        check_outputs(json_path, plot_path)  # before the puzzles, so a typo or a missing matplotlib loses nothing
+    except BenchError as e:
+        errors.print(f"mlxdg: {e}", highlight=False, markup=False)
+        return 2
     result = run(opts, lambda line: errors.print(f"[dim]{line}[/dim]", highlight=False))
     print_report(result, console)
     if json_path:
