@@ -214,6 +214,17 @@ def first_messages(settings: Settings, message: str) -> List[dict]:
     return system + [{"role": "user", "content": message}]
 
 
+def encode_prompt(settings: Settings, tokenizer, text: str, *, use_template: bool):
+    """``text`` as the model reads it, the same for one prompt and a file of
+    them: through the chat template (with ``--system``), or raw, where a
+    system prompt has no place."""
+    if not use_template:
+        if settings.system:
+            raise typer.BadParameter("needs the chat template", param_hint="--system")
+        return prompt_ids(tokenizer, text)[0]
+    return prompt_ids(tokenizer, None, messages=first_messages(settings, text), enable_thinking=settings.think)[0]
+
+
 def require_stdout() -> None:
     """Refuse to run when the answer could not be written: standard output closed."""
     if sys.stdout is None:
@@ -235,13 +246,7 @@ def generate_command(settings: Settings, prompt: Optional[str], prompt_file: Opt
             text = format_grid(puzzle)
         if not no_chat_template:
             check_chat_template(tokenizer, checkpoint.path)
-        if no_chat_template:
-            if settings.system:
-                raise typer.BadParameter("needs the chat template", param_hint="--system")
-            ids = prompt_ids(tokenizer, text)[0]
-        else:
-            messages = first_messages(settings, text)
-            ids = prompt_ids(tokenizer, None, messages=messages, enable_thinking=settings.think)[0]
+        ids = encode_prompt(settings, tokenizer, text, use_template=not no_chat_template)
         checkpoint.check_positions(0, len(ids), "shorten the prompt or lower --max-tokens")
         checkpoint.check_memory(len(ids))
         model = checkpoint.load()
@@ -275,9 +280,7 @@ def batch_command(settings: Settings, prompts_file: Path, no_chat_template: bool
         tokenizer = checkpoint.tokenizer
         if not no_chat_template:
             check_chat_template(tokenizer, checkpoint.path)
-        use_template = not no_chat_template
-        rows = [prompt_ids(tokenizer, None, messages=first_messages(settings, text), enable_thinking=settings.think)[0]
-                if use_template else prompt_ids(tokenizer, text)[0] for text in texts]
+        rows = [encode_prompt(settings, tokenizer, text, use_template=not no_chat_template) for text in texts]
         longest = max(len(ids) for ids in rows)
         checkpoint.check_positions(0, longest, "shorten the longest prompt or lower --max-tokens")
         checkpoint.check_memory(longest, min(max_batch or 1, len(rows)))

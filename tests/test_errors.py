@@ -268,6 +268,9 @@ CASES = [
                                           "--model", w.tiny], 2, "empty"),
     Case("no prompt", lambda w, here: ["generate", "--model", w.tiny], 2, "prompt"),
     Case("system prompt without template", generate("--system", "be brief", "--ignore-chat-template"), 2, "--system"),
+    Case("system prompt without template, prompts file",
+         lambda w, here: ["generate", "--prompts-file", w.file("two.txt", b"hi\nho\n"), "--system", "be brief",
+                          "--ignore-chat-template", "--model", w.tiny], 2, "--system"),
     # generate: checkpoints that cannot be used, each named
     Case("model missing", lambda w, here: ["generate", "hi", "--model", here / "nope"], 1, "nope"),
     Case("model not DiffusionGemma", damaged_generate("wrong-model"), 1, "'llama'", check=untouched("wrong-model")),
