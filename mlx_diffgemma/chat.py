@@ -16,9 +16,9 @@ import signal
 import sys
 from typing import Callable, List, Optional
 
-from .commands import (CommandAnswer, Checkpoint, ContextTooLong, Settings, SoftInterrupt, error_line, first_messages,
+from .commands import (CommandAnswer, Checkpoint, ContextTooLong, Settings, SoftInterrupt, encode_prompt, error_line,
                        reported, require_stdout, run_answer)
-from .generate import prompt_ids, resolve_config
+from .generate import resolve_config
 from .live import make_view
 from .loader import check_chat_template
 from .memory import InsufficientMemory
@@ -49,8 +49,7 @@ class ChatSession:
     def turn_tokens(self, message: str) -> List[int]:
         """The tokens that add the user's ``message`` and open the model's answer."""
         if not self.transcript:
-            messages = first_messages(self.settings, message)
-            return prompt_ids(self.tokenizer, None, messages=messages, enable_thinking=self.settings.think)[0].tolist()
+            return encode_prompt(self.settings, self.tokenizer, message, use_template=True).tolist()
         conversation = [{"role": "user", "content": "."}, {"role": "assistant", "content": _ANSWER},
                         {"role": "user", "content": message}]
         text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False,
@@ -130,7 +129,7 @@ def chat_command(settings: Settings) -> None:
         tokenizer = checkpoint.tokenizer
         check_chat_template(tokenizer, checkpoint.path, advice="chat needs one; mlxdg generate "
                             "--ignore-chat-template answers a prompt as it is")
-        opening = prompt_ids(tokenizer, None, messages=first_messages(settings, ""), enable_thinking=settings.think)[0]
+        opening = encode_prompt(settings, tokenizer, "", use_template=True)
         checkpoint.check_memory(len(opening))
         session = ChatSession(checkpoint, checkpoint.load(), settings)
         if sys.stdin.isatty():
