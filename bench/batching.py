@@ -14,8 +14,8 @@ from typing import List, Sequence
 import mlx.core as mx
 import numpy as np
 
-from mlx_diffgemma.generate import batch_generate, batch_size
-from mlx_diffgemma.sampler import SamplerConfig
+from mlx_diffgemma.generate import batch_generate
+from mlx_diffgemma.memory import generation_plan
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def batch_sweep(model, tokenizer, batches: Sequence[int], prompt_tokens: int, ge
 
     def run(batch: int) -> BatchRecord:
         prompts = [rng.integers(3, vocab, prompt_tokens).tolist() for _ in range(batch)]
-        _, logits_canvases = batch_size(model, prompts, SamplerConfig(max_new_tokens=gen_tokens), batch, None, None)
+        _, logits_canvases = generation_plan(model, map(len, prompts), gen_tokens).batch(batch, batch)
         mx.reset_peak_memory()
         start = time.perf_counter()
         result = batch_generate(model, tokenizer, prompts, max_batch=batch, **fixed)

@@ -39,14 +39,8 @@ class ParameterCounts:
     @classmethod
     def of(cls, args: ModelArgs) -> "ParameterCounts":
         H = args.hidden_size
-        attention = 0
-        for layer_type in args.layer_types:
-            if layer_type == "sliding_attention":
-                q, kv, has_v = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim, True
-            else:
-                heads = args.num_global_key_value_heads or args.num_key_value_heads
-                q, kv, has_v = args.num_attention_heads * args.global_head_dim, heads * args.global_head_dim, False
-            attention += H * (2 * q + kv * (2 if has_v else 1))
+        attention = sum(H * (2 * shape.q_dims + shape.kv_dims * (2 if shape.has_values else 1))
+                        for shape in args.attention_layers())
         L = args.num_hidden_layers
         return cls(
             attention=attention,
@@ -74,30 +68,19 @@ class ParameterCounts:
         return self.non_expert + self.layers * self.top_k * self.expert + self.embedding
 
 
-def kv_bytes_per_layer_token(args: ModelArgs, layer_type: str, dtype_bytes: int) -> int:
-    if layer_type == "sliding_attention":
-        return 2 * args.num_key_value_heads * args.head_dim * dtype_bytes
-    heads = args.num_global_key_value_heads or args.num_key_value_heads
-    return 2 * heads * args.global_head_dim * dtype_bytes
+def kv_read_bytes(args: ModelArgs, kv_tokens: int, dtype_bytes: int = 2) -> int:
+    """KV bytes a query reads from the cache after ``kv_tokens`` encoded
+    tokens (a sliding layer keeps the last ``window - 1`` of them)."""
+    return sum(shape.kv_bytes_per_position(dtype_bytes) * shape.kept_positions(kv_tokens)
+               for shape in args.attention_layers())
 
 
-def kv_read_bytes(args: ModelArgs, context: int, dtype_bytes: int = 2) -> int:
-    """KV bytes one query reads at ``context`` (sliding layers see at most the window)."""
-    return sum(
-        kv_bytes_per_layer_token(args, t, dtype_bytes)
-        * (min(context, args.sliding_window) if t == "sliding_attention" else context)
-        for t in args.layer_types
-    )
-
-
-def attention_flops(args: ModelArgs, queries: int, context: int, causal: bool) -> float:
-    """Score and value matmuls of ``queries`` new tokens over ``context`` cached ones."""
+def attention_flops(args: ModelArgs, queries: int, kv_tokens: int, causal: bool) -> float:
+    """Score and value matmuls of ``queries`` new tokens after ``kv_tokens`` cached ones."""
     total = 0.0
-    for t in args.layer_types:
-        dims = args.num_attention_heads * (args.head_dim if t == "sliding_attention" else args.global_head_dim)
-        seen = min(context, args.sliding_window - 1) if t == "sliding_attention" else context
-        keys = seen + (queries / 2 if causal else queries)
-        total += 2 * 2 * queries * dims * keys
+    for shape in args.attention_layers():
+        keys = shape.kept_positions(kv_tokens) + (queries / 2 if causal else queries)
+        total += 2 * 2 * queries * shape.q_dims * keys
     return total
 
 
@@ -113,15 +96,15 @@ class Costs:
         return "bandwidth" if self.bytes / bandwidth >= self.flops / flops_per_second else "compute"
 
 
-def ar_token(args: ModelArgs, bits_per_weight: float, context: int, kv_dtype_bytes: int = 2) -> Costs:
+def ar_token(args: ModelArgs, bits_per_weight: float, kv_tokens: int, kv_dtype_bytes: int = 2) -> Costs:
     p = ParameterCounts.of(args)
     return Costs(
-        bytes=p.active_per_token * bits_per_weight / 8 + kv_read_bytes(args, context, kv_dtype_bytes),
-        flops=2 * p.active_per_token + attention_flops(args, 1, context, causal=False),
+        bytes=p.active_per_token * bits_per_weight / 8 + kv_read_bytes(args, kv_tokens, kv_dtype_bytes),
+        flops=2 * p.active_per_token + attention_flops(args, 1, kv_tokens, causal=False),
     )
 
 
-def denoise_step(args: ModelArgs, bits_per_weight: float, context: int, distinct_experts: float = None,
+def denoise_step(args: ModelArgs, bits_per_weight: float, kv_tokens: int, distinct_experts: float = None,
                  kv_dtype_bytes: int = 2) -> Costs:
     p = ParameterCounts.of(args)
     T = args.canvas_length
@@ -131,22 +114,22 @@ def denoise_step(args: ModelArgs, bits_per_weight: float, context: int, distinct
     logits = LOGIT_PASSES * T * args.vocab_size * LOGIT_BYTES_PER_ELEMENT
     body = p.non_expert + p.self_conditioning + p.layers * p.top_k * p.expert
     return Costs(
-        bytes=weights * bits_per_weight / 8 + kv_read_bytes(args, context, kv_dtype_bytes) + logits,
+        bytes=weights * bits_per_weight / 8 + kv_read_bytes(args, kv_tokens, kv_dtype_bytes) + logits,
         # body, then the LM head and the self-conditioning soft embedding: two [T, V] x [V, H] products
         flops=2 * T * body + 2 * 2 * T * args.vocab_size * args.hidden_size
-        + attention_flops(args, T, context, causal=False),
+        + attention_flops(args, T, kv_tokens, causal=False),
     )
 
 
-def commit(args: ModelArgs, bits_per_weight: float, context: int, kv_dtype_bytes: int = 2) -> Costs:
+def commit(args: ModelArgs, bits_per_weight: float, kv_tokens: int, kv_dtype_bytes: int = 2) -> Costs:
     """Causal encoding of one committed block (no LM head, no self-conditioning)."""
     p = ParameterCounts.of(args)
     T = args.canvas_length
     distinct = expected_distinct_experts(p.experts_per_layer, p.top_k, T)
     weights = p.non_expert + distinct * p.layers * p.expert
     return Costs(
-        bytes=weights * bits_per_weight / 8 + kv_read_bytes(args, context, kv_dtype_bytes),
-        flops=2 * T * (p.non_expert + p.layers * p.top_k * p.expert) + attention_flops(args, T, context, causal=True),
+        bytes=weights * bits_per_weight / 8 + kv_read_bytes(args, kv_tokens, kv_dtype_bytes),
+        flops=2 * T * (p.non_expert + p.layers * p.top_k * p.expert) + attention_flops(args, T, kv_tokens, causal=True),
     )
 
 
@@ -171,13 +154,13 @@ class Roofline:
         return asdict(self)
 
 
-def roofline(args: ModelArgs, bits_per_weight: float, context: int, bandwidth: float, flops_per_second: float,
+def roofline(args: ModelArgs, bits_per_weight: float, kv_tokens: int, bandwidth: float, flops_per_second: float,
              distinct_experts: float = None) -> Roofline:
     """Bounds on this machine (``bandwidth`` in bytes/s, ``flops_per_second``)."""
-    ar = ar_token(args, bits_per_weight, context).seconds(bandwidth, flops_per_second)
-    step = denoise_step(args, bits_per_weight, context, distinct_experts)
+    ar = ar_token(args, bits_per_weight, kv_tokens).seconds(bandwidth, flops_per_second)
+    step = denoise_step(args, bits_per_weight, kv_tokens, distinct_experts)
     step_s = step.seconds(bandwidth, flops_per_second)
-    commit_s = commit(args, bits_per_weight, context).seconds(bandwidth, flops_per_second)
+    commit_s = commit(args, bits_per_weight, kv_tokens).seconds(bandwidth, flops_per_second)
     return Roofline(
         ar_tokens_per_second=1 / ar,
         step_ms=step_s * 1e3,

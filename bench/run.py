@@ -374,7 +374,7 @@ def analyse(engines: List[Engine], records: List[dict], distinct_counts: dict, m
                 for family, counts in distinct_counts.items()}
     mean_distinct = distinct["diffusion"]["mean"] if distinct.get("diffusion") else None
     flops_peak, flops_source = peak_flops(machine, d)
-    bound = partial(roofline, bits_per_weight=d.resident_bits, context=context, bandwidth=machine.bandwidth,
+    bound = partial(roofline, bits_per_weight=d.resident_bits, kv_tokens=context, bandwidth=machine.bandwidth,
                     flops_per_second=flops_peak, distinct_experts=mean_distinct)
     this_run = bound(args)
 

@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import gemma4_text
 
-from mlx_diffgemma.model import Model, ModelArgs
+from mlx_diffgemma.model import Model, ModelArgs, default_layer_types
 
 SHAPES = {
     "tiny": ModelArgs(vocab_size=512, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
@@ -28,20 +28,12 @@ SHAPES = {
 }
 
 
-def layer_pattern(layers: int) -> list:
-    """The real five-sliding-to-one-full pattern, cut to ``layers`` with the last layer full,
-    so both layer kinds are present whenever there are two or more layers."""
-    types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)]
-    types[-1] = "full_attention"
-    return types
-
-
 def synthetic_args(shape: str, layers: Optional[int] = None) -> ModelArgs:
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
     args = SHAPES[shape]
     layers = layers or args.num_hidden_layers
-    return replace(args, num_hidden_layers=layers, layer_types=layer_pattern(layers))
+    return replace(args, num_hidden_layers=layers, layer_types=default_layer_types(layers))
 
 
 def _randomize(model: nn.Module, dtype: mx.Dtype, seed: int) -> None:

@@ -23,7 +23,7 @@ from .generate import (Answer, Answers, Block, GenerationResult, generation_resu
 from .live import make_view
 from .loader import (CheckpointError, check_chat_template, load_checkpoint_tokenizer, load_model, read_config,
                      resolve_model_path)
-from .memory import checkpoint_weight_bytes, device_budget, largest_context, plan
+from .memory import checkpoint_weight_bytes, device_budget, inference_plan, positions_needed
 from .model import ModelArgs
 from .sampler import SamplerConfig
 from .settings import DEFAULT_MODEL, MODEL_ENV, Settings, memory_limit_option  # noqa: F401  (callers find them here)
@@ -58,8 +58,7 @@ class Checkpoint:
     def context(self, cached: int, new: int) -> int:
         """Positions used once ``new`` tokens after ``cached`` ones have their
         whole answer: the last canvas sits after every earlier block."""
-        L = self.args.canvas_length
-        return largest_context([cached + new], self.sampler.max_new_tokens, L) + L
+        return positions_needed(cached + new, self.sampler.max_new_tokens, self.args.canvas_length)
 
     def check_positions(self, cached: int, new: int, advice: str) -> None:
         needed, allowed = self.context(cached, new), self.args.max_position_embeddings
@@ -71,7 +70,7 @@ class Checkpoint:
 
     def check_memory(self, prompt_tokens: int, canvases: int = 1) -> None:
         """The planner's forecast from the safetensors sizes, before any weight is read."""
-        plan(self.args, checkpoint_weight_bytes(self.path), self.context(0, prompt_tokens),
+        inference_plan(self.args, checkpoint_weight_bytes(self.path), self.context(0, prompt_tokens),
              _activation_bytes(self.config), device_budget(self.settings.memory_limit)).require(canvases)
 
     def load(self):

@@ -5,7 +5,7 @@ The public layer over ``engine``, as mlx-lm's ``generate`` is over its
 memory planner, runs the ``Denoiser`` and turns its committed tokens into
 text and statistics. When more prompts wait than the batch holds
 (``max_batch``; by default what the memory planner allows, at most
-``DEFAULT_MAX_BATCH``), a prompt that finishes frees its slot for the next
+``memory.DEFAULT_MAX_BATCH``), a prompt that finishes frees its slot for the next
 one at the next block boundary.
 """
 
@@ -18,14 +18,8 @@ import mlx.core as mx
 import numpy as np
 
 from .engine import Committed, Denoiser, Draft, Request
-from .memory import largest_context, parse_size, plan, weight_bytes
+from .memory import generation_plan
 from .sampler import DEFAULT_SELF_CONDITIONING_TOP_K, MLXNoise, NoiseSource, SamplerConfig
-
-# The default cap on canvases denoised at once. A 256-token canvas already
-# keeps an Apple GPU's (and this CPU's) arithmetic busy, so more canvases add
-# latency and no throughput there (the roofline of ``bench``); where a step is
-# bandwidth-bound (datacenter GPUs) the gain levels off within a few canvases.
-DEFAULT_MAX_BATCH = 8
 
 SAMPLER_OPTIONS = tuple(f.name for f in fields(SamplerConfig))
 
@@ -123,7 +117,7 @@ def stream_blocks(
     block but the last, as the reference leaves it. ``max_batch`` caps the
     canvases denoised at once; by default the memory planner picks it for
     ``memory_limit`` (bytes or "16GB"; the device's budget when None), at
-    most ``DEFAULT_MAX_BATCH``, and a request that cannot fit at all fails
+    most ``memory.DEFAULT_MAX_BATCH``, and a request that cannot fit at all fails
     before anything is allocated.
 
     ``exact`` (the default) keeps the reference path, token for token
@@ -150,7 +144,9 @@ def stream_blocks(
     else:
         limits = [None] * len(prompts)
     config = resolve_config(model, tokenizer, config, options)
-    max_batch, logits_rows = batch_size(model, prompts, config, max_batch, memory_limit, cache)
+    memory = generation_plan(model, map(len, prompts), config.max_new_tokens,
+                             cached=0 if cache is None else cache[0].offset, memory_limit=memory_limit)
+    max_batch, logits_rows = memory.batch(len(prompts), max_batch)
     denoiser = Denoiser(model, config, noise or MLXNoise(seed), logits_rows, exact=exact,
                         top_k=top_k or DEFAULT_SELF_CONDITIONING_TOP_K, auto_canvas=canvas == "auto")
     markers = _TextMarkers(tokenizer, config.eos_token_id)
@@ -320,24 +316,6 @@ def _hint(name: str) -> str:
         return f"{name} ({NOT_FOR_DIFFUSION[name]})"
     close = difflib.get_close_matches(name, SAMPLER_OPTIONS + API_KEYWORDS, n=1)
     return f"{name} (did you mean {close[0]}?)" if close else name
-
-
-
-
-def batch_size(model, prompts, config: SamplerConfig, max_batch, memory_limit, cache) -> Tuple[int, int]:
-    """Canvases to denoise at once (``max_batch``, else as many as the memory
-    planner fits, at most ``DEFAULT_MAX_BATCH``) and how many of them may
-    have their logits at once; raises ``InsufficientMemory`` when not even
-    one canvas fits."""
-    context = largest_context([len(p) for p in prompts], config.max_new_tokens, model.args.canvas_length)
-    if cache is not None:
-        context += cache[0].offset
-    dtype_bytes = model.dtype.size
-    budget = None if memory_limit is None else parse_size(memory_limit)
-    memory = plan(model.args, weight_bytes(model), context, dtype_bytes, budget)
-    memory.require(1 if max_batch is None else min(max_batch, len(prompts)))
-    canvases = max(1, min(max_batch or min(memory.max_canvases, DEFAULT_MAX_BATCH), len(prompts)))
-    return canvases, memory.logits_rows(canvases)
 
 
 def run_statistics(block: Optional[Block]) -> dict:

@@ -14,11 +14,12 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Tuple
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .cache import FullAttentionCache
 from .errors import UserError
 from .model import VISION_PREFIXES, ModelArgs
 from .safetensors_header import weight_headers
@@ -32,6 +33,12 @@ GiB = 1 << 30
 # with mx.get_peak_memory() on the small synthetic model of tests/test_memory.py;
 # change it when that code path changes.
 LOGIT_BUFFERS_PER_CANVAS = 3.0
+
+# The default cap on canvases denoised at once. A 256-token canvas already
+# keeps an Apple GPU's (and this CPU's) arithmetic busy, so more canvases add
+# latency and no throughput there (the roofline of ``bench``); where a step is
+# bandwidth-bound (datacenter GPUs) the gain levels off within a few canvases.
+DEFAULT_MAX_BATCH = 8
 
 # What the CPU backend leaves to the OS and other programs.
 CPU_RESERVE_FRACTION = 0.15
@@ -126,27 +133,25 @@ def checkpoint_weight_bytes(path: Path) -> int:
     return total
 
 
-def kv_bytes(args: ModelArgs, context: int, dtype_bytes: int) -> int:
-    """KV cache of one sequence of ``context`` encoded tokens."""
+def kv_bytes(args: ModelArgs, kv_tokens: int, dtype_bytes: int) -> int:
+    """KV cache of one sequence of ``kv_tokens`` encoded tokens."""
     total = 0
-    for layer_type in args.layer_types:
-        if layer_type == "sliding_attention":
-            positions = min(context, args.sliding_window - 1)
-            heads, dims = args.num_key_value_heads, args.head_dim
+    for shape in args.attention_layers():
+        if shape.kept is None:
+            positions = -(-kv_tokens // FullAttentionCache.step) * FullAttentionCache.step  # mlx-lm's growth steps
         else:
-            positions = -(-context // 256) * 256  # mlx-lm's KVCache grows in steps of 256
-            heads, dims = args.num_global_key_value_heads or args.num_key_value_heads, args.global_head_dim
-        total += 2 * positions * heads * dims * dtype_bytes
+            positions = shape.kept_positions(kv_tokens)
+        total += positions * shape.kv_bytes_per_position(dtype_bytes)
     return total
 
 
-def canvas_bytes(args: ModelArgs, context: int, dtype_bytes: int) -> int:
-    """Peak working memory of one canvas in the body of a denoising step,
-    besides weights, cache and logits."""
+def canvas_bytes(args: ModelArgs, kv_tokens: int, dtype_bytes: int) -> int:
+    """Peak working memory of one canvas after ``kv_tokens`` cached ones in
+    the body of a denoising step, besides weights, cache and logits."""
     L = args.canvas_length
     # Attention scores over [cache; canvas] (the CPU backend materialises them) and
     # the routed experts' intermediate activations, for the widest layer.
-    attention = args.num_attention_heads * L * (context + L) * 4
+    attention = args.num_attention_heads * L * (kv_tokens + L) * 4
     experts = L * args.top_k_experts * 3 * args.moe_intermediate_size * dtype_bytes
     # The hidden states, the self-conditioning input and the residual stream around them.
     hidden = 4 * L * args.hidden_size * dtype_bytes
@@ -182,6 +187,15 @@ class MemoryPlan:
         free = self.budget - self.peak(canvases, 0)
         return int(min(canvases, max(free // self.logits_per_canvas, 1)))
 
+    def batch(self, prompts: int, max_batch: Optional[int] = None) -> Tuple[int, int]:
+        """Canvases to denoise at once for ``prompts`` prompts (``max_batch``,
+        else as many as fit, at most ``DEFAULT_MAX_BATCH``) and how many of
+        them may have their logits at once; raises ``InsufficientMemory``
+        when not even the asked batch (or one canvas) fits."""
+        self.require(1 if max_batch is None else min(max_batch, prompts))
+        canvases = max(1, min(max_batch or min(self.max_canvases, DEFAULT_MAX_BATCH), prompts))
+        return canvases, self.logits_rows(canvases)
+
     def require(self, canvases: int = 1) -> None:
         if self.max_canvases >= canvases:
             return
@@ -194,15 +208,28 @@ class MemoryPlan:
         )
 
 
-def plan(args: ModelArgs, weight_bytes: int, context: int, dtype_bytes: int = 2, budget: Optional[int] = None) -> MemoryPlan:
-    """The plan for sequences of up to ``context`` tokens (prompt plus generated)."""
+def inference_plan(args: ModelArgs, weight_bytes: int, kv_tokens: int, dtype_bytes: int = 2,
+                   budget: Optional[int] = None) -> MemoryPlan:
+    """The plan for canvases denoised after up to ``kv_tokens`` cached tokens
+    with activations of ``dtype_bytes``, beside ``weight_bytes`` of weights."""
     return MemoryPlan(
         budget=device_budget() if budget is None else budget,
         weights=weight_bytes,
-        kv_per_prompt=kv_bytes(args, context, dtype_bytes),
-        per_canvas=canvas_bytes(args, context, dtype_bytes),
+        kv_per_prompt=kv_bytes(args, kv_tokens, dtype_bytes),
+        per_canvas=canvas_bytes(args, kv_tokens, dtype_bytes),
         logits_per_canvas=logits_bytes(args),
     )
+
+
+def generation_plan(model, prompt_lengths: Iterable[int], max_new_tokens: int, *, cached: int = 0,
+                    memory_limit=None) -> MemoryPlan:
+    """The one forecast of a generation run, for the check before the weights
+    are read (on the lazily opened model) and for the engine's batch sizing
+    alike: the weights as ``model`` holds them (after the CPU backend's
+    upcast), activations in its dtype, and the cache at the last block after
+    ``cached`` tokens of an earlier conversation."""
+    tokens = cached + kv_tokens_at_last_block(prompt_lengths, max_new_tokens, model.args.canvas_length)
+    return inference_plan(model.args, weight_bytes(model), tokens, model.dtype.size, device_budget(memory_limit))
 
 
 def wire_weights(weight_bytes: int) -> None:
@@ -218,10 +245,17 @@ def wire_weights(weight_bytes: int) -> None:
     mx.set_wired_limit(recommended)
 
 
-def largest_context(prompt_lengths: Iterable[int], max_new_tokens: int, canvas_length: int) -> int:
-    """Tokens in the cache at the last block: the prompt plus every committed block."""
+def kv_tokens_at_last_block(prompt_lengths: Iterable[int], max_new_tokens: int, canvas_length: int) -> int:
+    """Tokens in the cache while the last block is denoised: the longest
+    prompt plus every committed block before it."""
     blocks = -(-max_new_tokens // canvas_length)
     return max(prompt_lengths) + (blocks - 1) * canvas_length
+
+
+def positions_needed(prompt_tokens: int, max_new_tokens: int, canvas_length: int) -> int:
+    """Positions a prompt and its whole answer use (against the model's
+    ``max_position_embeddings``): the last canvas sits after every earlier block."""
+    return kv_tokens_at_last_block([prompt_tokens], max_new_tokens, canvas_length) + canvas_length
 
 
 # Training (``mlxdg lora``). Measured constants: live float32 [tokens, vocab]
@@ -240,13 +274,11 @@ OPTIMIZER_STATE_FLOATS = {"adam": 3, "adamw": 3, "sgd": 2, "adafactor": 2, "muon
 
 def _matrix_shapes(args: ModelArgs, layer_type: str):
     """(name, in, out) of the LoRA-able linear layers of one layer."""
-    sliding = layer_type == "sliding_attention"
-    head_dim = args.head_dim if sliding else args.global_head_dim
-    kv = args.num_key_value_heads if sliding else (args.num_global_key_value_heads or args.num_key_value_heads)
-    q, kvd, d, f = args.num_attention_heads * head_dim, kv * head_dim, args.hidden_size, args.intermediate_size
+    shape = args.attention(layer_type)
+    q, kvd, d, f = shape.q_dims, shape.kv_dims, args.hidden_size, args.intermediate_size
     shapes = [("q_proj", d, q), ("k_proj", d, kvd), ("o_proj", q, d), ("gate_proj", d, f), ("up_proj", d, f),
               ("down_proj", f, d)]
-    return shapes + ([("v_proj", d, kvd)] if sliding else [])
+    return shapes + ([("v_proj", d, kvd)] if shape.has_values else [])
 
 
 def parameter_count(args: ModelArgs) -> int:
@@ -270,7 +302,7 @@ def trainable_parameters(args: ModelArgs, fine_tune_type: str, num_layers: int, 
 def layer_activation_bytes(args: ModelArgs, tokens: int, keys: int, dtype_bytes: int) -> int:
     """What one layer keeps for its backward pass over ``tokens`` queries that
     attend to ``keys`` positions each."""
-    widest_q = args.num_attention_heads * max(args.head_dim, args.global_head_dim)
+    widest_q = max(shape.q_dims for shape in args.attention_layers())
     per_token = (TRAIN_HIDDEN_PER_TOKEN_LAYER * args.hidden_size + 4 * widest_q + 3 * args.intermediate_size
                  + args.top_k_experts * (3 * args.moe_intermediate_size + args.hidden_size))
     attention = args.num_attention_heads * keys * 4  # float32 probabilities

@@ -30,6 +30,55 @@ MODEL_TYPE = "diffusion_gemma"
 # Top-level checkpoint prefixes that belong to the vision tower; this port is text only.
 VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+def default_layer_types(layers: int) -> List[str]:
+    """Five sliding layers to one full layer, the last layer always full."""
+    types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(layers)]
+    if types:
+        types[-1] = FULL
+    return types
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """One layer's attention geometry, the one place model, cache, memory
+    planner and roofline read it from (``ModelArgs.attention``)."""
+
+    sliding: bool
+    heads: int
+    kv_heads: int
+    head_dim: int
+    window: Optional[int]  # keys a causal query sees, itself included; None: every earlier one
+
+    @property
+    def has_values(self) -> bool:
+        """Full layers have no value projection: their values are the normed raw keys."""
+        return self.sliding
+
+    @property
+    def q_dims(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dims(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def kept(self) -> Optional[int]:
+        """Positions the layer's cache keeps (None: all). A sliding layer keeps
+        ``window - 1``: all the next causal query sees besides itself, and what
+        the reference decoder attends to besides the canvas."""
+        return None if self.window is None else self.window - 1
+
+    def kept_positions(self, tokens: int) -> int:
+        """Cached positions after ``tokens`` were encoded."""
+        return tokens if self.kept is None else min(tokens, self.kept)
+
+    def kv_bytes_per_position(self, dtype_bytes: int) -> int:
+        return 2 * self.kv_dims * dtype_bytes
+
 
 @dataclass
 class ModelArgs:
@@ -66,12 +115,7 @@ class ModelArgs:
 
     def __post_init__(self):
         if self.layer_types is None:
-            # Five sliding layers to one full layer, the last layer always full.
-            self.layer_types = [
-                "full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
-                for i in range(self.num_hidden_layers)
-            ]
-            self.layer_types[-1] = "full_attention"
+            self.layer_types = default_layer_types(self.num_hidden_layers)
         if len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(
                 f"layer_types has {len(self.layer_types)} entries for "
@@ -97,6 +141,18 @@ class ModelArgs:
         args["model_type"] = config.get("model_type", MODEL_TYPE)
         return cls(**args)
 
+    def attention(self, layer_type: str) -> AttentionShape:
+        """The attention geometry of a layer of ``layer_type``."""
+        if layer_type == SLIDING:
+            return AttentionShape(True, self.num_attention_heads, self.num_key_value_heads, self.head_dim,
+                                  self.sliding_window)
+        return AttentionShape(False, self.num_attention_heads,
+                              self.num_global_key_value_heads or self.num_key_value_heads, self.global_head_dim, None)
+
+    def attention_layers(self) -> List[AttentionShape]:
+        """Each layer's attention geometry, in order."""
+        return [self.attention(t) for t in self.layer_types]
+
 
 def _full_layer_overrides(text: Dict[str, Any]) -> Dict[str, Any]:
     """The per-layer settings ``save_pretrained`` writes for full layers."""
@@ -104,8 +160,7 @@ def _full_layer_overrides(text: Dict[str, Any]) -> Dict[str, Any]:
     types = text.get("layer_types") or []
     for key, values in per_layer.items():
         index = int(key) if str(key).isdigit() else None
-        if key == "full_attention" or (index is not None and index < len(types)
-                                        and types[index] == "full_attention"):
+        if key == FULL or (index is not None and index < len(types) and types[index] == FULL):
             return values
     return {}
 
@@ -196,19 +251,14 @@ class Experts(nn.Module):
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_type: str):
         super().__init__()
-        self.is_sliding = layer_type == "sliding_attention"
-        if self.is_sliding:
-            self.head_dim, self.n_kv_heads = args.head_dim, args.num_key_value_heads
-        else:
-            self.head_dim = args.global_head_dim
-            self.n_kv_heads = args.num_global_key_value_heads or args.num_key_value_heads
-        self.n_heads = args.num_attention_heads
+        shape = args.attention(layer_type)
+        self.has_values, self.window = shape.has_values, shape.window
+        self.head_dim, self.n_heads, self.n_kv_heads = shape.head_dim, shape.heads, shape.kv_heads
         dims = args.hidden_size
 
         self.q_proj = nn.Linear(dims, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(dims, self.n_kv_heads * self.head_dim, bias=False)
-        # Full layers have no value projection: values are the normed raw keys.
-        if self.is_sliding:
+        if self.has_values:
             self.v_proj = nn.Linear(dims, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, dims, bias=False)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
@@ -232,7 +282,7 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         queries = self.rope(self.q_norm(self._heads(self.q_proj(x), self.n_heads)).swapaxes(1, 2), offset=offset)
         raw_keys = self._heads(self.k_proj(x), self.n_kv_heads)
-        raw_values = self._heads(self.v_proj(x), self.n_kv_heads) if self.is_sliding else raw_keys
+        raw_values = self._heads(self.v_proj(x), self.n_kv_heads) if self.has_values else raw_keys
         keys = self.rope(self.k_norm(raw_keys).swapaxes(1, 2), offset=offset)
         values = self.v_norm(raw_values).swapaxes(1, 2)
 
@@ -368,11 +418,8 @@ class Model(nn.Module):
         return _embedding_dtype(self.model.decoder.embed_tokens)
 
     def make_cache(self) -> list:
-        window = self.args.sliding_window
-        return [
-            SlidingWindowCache(window - 1) if t == "sliding_attention" else FullAttentionCache()
-            for t in self.args.layer_types
-        ]
+        return [FullAttentionCache() if shape.kept is None else SlidingWindowCache(shape.kept)
+                for shape in self.args.attention_layers()]
 
     def _embed(self, ids: mx.array) -> mx.array:
         embedding = self.model.decoder.embed_tokens
@@ -404,7 +451,7 @@ class Model(nn.Module):
         for i, (layer, c, scalar) in enumerate(zip(decoder.layers, layer_caches, scalars)):
             context = c.context()
             kept = 0 if context is None else context[0].shape[2]
-            window = self.args.sliding_window if layer.layer_type == "sliding_attention" else None
+            window = layer.self_attn.window
             key = (window, kept)
             if key not in masks:
                 masks[key] = create_causal_mask(S, kept, window_size=window)

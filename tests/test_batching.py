@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from mlx_diffgemma import batch_generate, load, stream_blocks
-from mlx_diffgemma.generate import DEFAULT_MAX_BATCH, Block, Draft
-from mlx_diffgemma.memory import InsufficientMemory, largest_context, plan, weight_bytes
+from mlx_diffgemma.generate import Block, Draft
+from mlx_diffgemma.memory import DEFAULT_MAX_BATCH, InsufficientMemory, generation_plan
 
 PROMPT_LENGTHS = [3, 12, 7, 9, 5]  # around the sliding windows (4 and 6)
 OPTIONS = dict(max_new_tokens=24, max_denoising_steps=6, entropy_bound=0.5, confidence_threshold=0.5,
@@ -86,8 +86,7 @@ def test_logits_are_computed_a_few_rows_at_a_time_when_they_do_not_fit(model_and
     """A memory limit with room for every canvas but only two canvases' logits."""
     model, tokenizer = model_and_tokenizer
     batch, eos, singles = rows_ending_apart(model, tokenizer)
-    context = largest_context(map(len, batch), OPTIONS["max_new_tokens"], model.args.canvas_length)
-    memory = plan(model.args, weight_bytes(model), context, model.dtype.size, budget=1 << 40)
+    memory = generation_plan(model, map(len, batch), OPTIONS["max_new_tokens"], memory_limit=1 << 40)
     limit = memory.peak(len(batch), 2) + memory.logits_per_canvas // 2
 
     seen = []
@@ -139,8 +138,7 @@ def test_default_batch_is_what_fits_and_at_most_the_cap(model_and_tokenizer):
 
     assert widest() == DEFAULT_MAX_BATCH
     assert widest(max_batch=len(many)) == len(many)
-    context = largest_context([6], options["max_new_tokens"], model.args.canvas_length)
-    memory = plan(model.args, weight_bytes(model), context, model.dtype.size, budget=1 << 40)
+    memory = generation_plan(model, [6], options["max_new_tokens"], memory_limit=1 << 40)
     assert widest(memory_limit=memory.peak(3, 1) + (memory.kv_per_prompt + memory.per_canvas) // 2) == 3
 
 

@@ -10,7 +10,7 @@ from mlx_diffgemma.cache import BatchedContext
 from mlx_diffgemma.engine import Denoiser, Row
 from mlx_diffgemma.loader import load_model
 from mlx_diffgemma.memory import (InsufficientMemory, cgroup_memory_limit, checkpoint_weight_bytes, device_budget,
-                                  kv_bytes, parse_size, plan)
+                                  inference_plan, kv_bytes, parse_size)
 from mlx_diffgemma.model import Model, ModelArgs
 from mlx_diffgemma.sampler import MLXNoise, SamplerConfig, empty_history
 
@@ -73,13 +73,13 @@ def test_weight_bytes_from_headers_match_the_loaded_model(make_checkpoint):
     assert checkpoint_weight_bytes(checkpoint) == loaded  # vision weights are not counted
 
 
-@pytest.mark.parametrize("context", [5, 127, 300, 700])
-def test_kv_forecast_is_exact(context):
+@pytest.mark.parametrize("tokens", [5, 127, 300, 700])
+def test_kv_forecast_is_exact(tokens):
     model = Model(SMALL)
     cache = model.make_cache()
-    model.encode(mx.zeros((1, context), dtype=mx.int32), cache)
+    model.encode(mx.zeros((1, tokens), dtype=mx.int32), cache)
     stored = sum(c.keys.nbytes + c.values.nbytes for c in cache)
-    assert kv_bytes(SMALL, context, 4) == stored
+    assert kv_bytes(SMALL, tokens, 4) == stored
 
 
 @pytest.mark.parametrize("batch,logits_rows", [(1, 1), (2, 2), (4, 4), (4, 1), (8, 3)])
@@ -98,7 +98,7 @@ def test_step_peak_forecast_within_25_percent(batch, logits_rows, prompt):
     config, noise, rows = SamplerConfig(confidence_threshold=0.0), MLXNoise(0), list(range(batch))
     canvas = mx.zeros((batch, SMALL.canvas_length), dtype=mx.int32)
     history = empty_history(config, batch, SMALL.canvas_length)
-    forecast = plan(SMALL, weights, prompt + batch, dtype_bytes=4, budget=1 << 40)
+    forecast = inference_plan(SMALL, weights, prompt + batch, dtype_bytes=4, budget=1 << 40)
 
     mx.synchronize()
     mx.clear_cache()
@@ -118,7 +118,7 @@ def test_step_peak_forecast_within_25_percent(batch, logits_rows, prompt):
 
 def test_real_model_forecast_by_hand():
     """26B-A4B, bf16 KV, 4096 tokens of context."""
-    real = plan(ModelArgs(), weight_bytes=14 << 30, context=4096, budget=16 << 30)
+    real = inference_plan(ModelArgs(), weight_bytes=14 << 30, kv_tokens=4096, budget=16 << 30)
     sliding = 25 * 2 * 1023 * 8 * 256 * 2  # 25 layers keep 1023 positions of 8 heads x 256
     full = 5 * 2 * 4096 * 2 * 512 * 2  # 5 layers keep all 4096 of 2 heads x 512
     assert real.kv_per_prompt == sliding + full == 293_396_480
@@ -136,8 +136,8 @@ def test_real_model_forecast_by_hand():
 
 
 def test_impossible_request_fails_before_allocating():
-    real = plan(ModelArgs(), weight_bytes=14 << 30, context=4096, budget=16 << 30)
+    real = inference_plan(ModelArgs(), weight_bytes=14 << 30, kv_tokens=4096, budget=16 << 30)
     with pytest.raises(InsufficientMemory, match="needs about .* GiB .* but 16.0 GiB is available"):
         real.require(canvases=real.max_canvases + 1)
     with pytest.raises(InsufficientMemory):
-        plan(ModelArgs(), weight_bytes=50 << 30, context=512, budget=24 << 30).require()
+        inference_plan(ModelArgs(), weight_bytes=50 << 30, kv_tokens=512, budget=24 << 30).require()

@@ -29,8 +29,13 @@ def test_distinct_experts():
 
 def test_bytes_and_flops_at_4_bit():
     ar = ar_token(REAL, 4.5, 1024)  # 4-bit with group-64 scales and biases: 4.5 bits per weight
-    # 3.82 B active weights at 4.5 bits, plus 1024 positions x (25 x 8 KiB + 5 x 4 KiB) of bf16 KV
-    assert ar.bytes == pytest.approx(3_821_830_144 * 4.5 / 8 + 1024 * (25 * 8192 + 5 * 4096))
+    # 3.82 B active weights at 4.5 bits, plus the bf16 KV cache after 1024 tokens: a sliding layer's cache
+    # keeps the last window - 1 = 1023 positions of 2 x 8 heads x 256 x 2 bytes = 8 KiB, a full layer's all
+    # 1024 of 2 x 2 heads x 512 x 2 bytes = 4 KiB: 25 x 1023 x 8192 + 5 x 1024 x 4096 = 230_481_920 bytes
+    # (the old count, 1024 positions on every layer, read 25 x 8192 = 204_800 bytes more).
+    kv = 25 * 1023 * 8192 + 5 * 1024 * 4096
+    assert kv == 230_481_920
+    assert ar.bytes == pytest.approx(3_821_830_144 * 4.5 / 8 + kv)
     step = denoise_step(REAL, 4.5, 1024)
     assert step.bytes / G == pytest.approx(15.39, abs=0.02)
     assert step.flops / 1e12 == pytest.approx(2.53, abs=0.01)
@@ -61,3 +66,19 @@ def test_machine_probe_measures_this_device():
     result = probe(hidden=128, rows=32, quantized_bits=(4,)).to_dict()
     assert result["versions"]["mlx"] != "not installed" and result["memory_bytes"] > 0
     assert set(result["quantized_flops"]) == {4}
+
+
+def test_attention_geometry_is_the_models():
+    """The roofline's attention parameters and the cache's kept positions are the built model's."""
+    from mlx.utils import tree_flatten
+
+    from mlx_diffgemma.bench.synthetic import synthetic_args
+    from mlx_diffgemma.model import Model
+
+    args = synthetic_args("tiny", layers=6)
+    model = Model(args)
+    projections = sum(p.size for layer in model.layers for name, p in tree_flatten(layer.self_attn.parameters())
+                      if name.endswith("_proj.weight"))
+    assert ParameterCounts.of(args).attention == projections
+    kept = [getattr(c, "max_size", None) for c in model.make_cache()]
+    assert kept == [args.sliding_window - 1] * 5 + [None]

@@ -3,14 +3,16 @@
 import mlx.core as mx
 import pytest
 
-from mlx_diffgemma.bench.synthetic import (build_diffusion_model, build_gemma4_model, layer_pattern,
-                                           synthetic_args)
+from mlx_diffgemma.bench.synthetic import build_diffusion_model, build_gemma4_model, synthetic_args
+from mlx_diffgemma.model import ModelArgs, default_layer_types
 
 
 def test_layer_pattern_keeps_both_kinds():
-    assert layer_pattern(2) == ["sliding_attention", "full_attention"]
-    assert layer_pattern(30).count("full_attention") == 5
-    assert [i for i, t in enumerate(layer_pattern(30)) if t == "full_attention"] == [5, 11, 17, 23, 29]
+    assert default_layer_types(2) == ["sliding_attention", "full_attention"]
+    assert default_layer_types(30).count("full_attention") == 5
+    assert [i for i, t in enumerate(default_layer_types(30)) if t == "full_attention"] == [5, 11, 17, 23, 29]
+    assert ModelArgs().layer_types == default_layer_types(30)
+    assert synthetic_args("26b-a4b", layers=3).layer_types == default_layer_types(3)
     with pytest.raises(ValueError, match="unknown shape"):
         synthetic_args("huge")
 

@@ -70,7 +70,8 @@ def open_server(model: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, 
     and ``canvas`` choose the engine's path as ``mlxdg generate`` does."""
     from ..commands import Checkpoint, Settings
     from ..sampler import DEFAULT_SELF_CONDITIONING_TOP_K
-    from ..generate import DEFAULT_MAX_BATCH, resolve_config
+    from ..generate import resolve_config
+    from ..memory import DEFAULT_MAX_BATCH
 
     settings = Settings(model=model, max_tokens=max_tokens, memory_limit=memory_limit, cpu_dequantize=cpu_dequantize,
                         adapter_path=adapter_path)

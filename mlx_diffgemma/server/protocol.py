@@ -13,7 +13,7 @@ import numpy as np
 from mlx_lm.server import ToolCallFormatter, process_message_content
 
 from ..generate import CHANNEL_NAME, _AnswerText, _TextMarkers
-from ..memory import largest_context
+from ..memory import positions_needed
 from ..model import ModelArgs
 from ..sampler import SamplerConfig
 
@@ -165,8 +165,7 @@ def parse(kind: str, body, served: Served) -> Request:
         prompt = _text_prompt(body, served)
         prefix = len(prompt)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-    L = served.args.canvas_length
-    needed = largest_context([len(prompt)], max_tokens, L) + L
+    needed = positions_needed(len(prompt), max_tokens, served.args.canvas_length)
     if needed > served.args.max_position_embeddings:
         raise ApiError(400, f"the prompt is {len(prompt)} tokens; with up to {max_tokens} new tokens that needs "
                             f"{needed} positions, but the model has {served.args.max_position_embeddings}; "

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..engine import Committed as Round
 from ..engine import Denoiser, Draft, Request, RequestQueue
-from ..memory import device_budget, largest_context, plan, weight_bytes
+from ..memory import device_budget, inference_plan, kv_tokens_at_last_block, weight_bytes
 from ..sampler import MLXNoise, SamplerConfig
 from .prefix import PrefixCache
 
@@ -236,11 +236,11 @@ class Scheduler:
                 self.active.clear()
 
     def _generated_context(self, max_new_tokens: int) -> int:
-        return largest_context([0], max_new_tokens, self.model.args.canvas_length)
+        return kv_tokens_at_last_block([0], max_new_tokens, self.model.args.canvas_length)
 
     def _plan(self, contexts: List[int], cached_bytes: int):
         """The planner's view of rows with these contexts, beside ``cached_bytes`` of prefix cache."""
-        return plan(self.model.args, self.weights, max(contexts), self.dtype_bytes, self.budget - cached_bytes)
+        return inference_plan(self.model.args, self.weights, max(contexts), self.dtype_bytes, self.budget - cached_bytes)
 
     def _cached_bytes(self) -> int:
         return self.prefix_cache.bytes if self.prefix_cache else 0

@@ -163,7 +163,7 @@ def encode(model, tokens: mx.array, checkpoint: bool = False):
     x = model._embed(tokens)
     context = []
     for layer, scalar in zip(decoder.layers, scalars):
-        window = model.args.sliding_window if layer.layer_type == "sliding_attention" else None
+        window = layer.self_attn.window
         x, keys, values = _call(layer, _encoder_layer, checkpoint, x, masks[window], scalar.layer_scalar)
         context.append((keys, values))
     return decoder.norm(x), context
@@ -194,7 +194,7 @@ def denoise(model, canvas: mx.array, context, batch: Batch, soft_embeddings: Opt
     masks = {}
     x = model.decoder_inputs(canvas, soft_embeddings)
     for layer, (keys, values) in zip(decoder.layers, context):
-        window = model.args.sliding_window if layer.layer_type == "sliding_attention" else None
+        window = layer.self_attn.window
         if window not in masks:
             masks[window] = context_mask(batch, positions, L, window)
         if not same_rows:
