@@ -147,6 +147,17 @@ def test_a_seeded_answer_is_the_python_apis(server, checkpoint):
         assert answer.choices[0].finish_reason == expected.finish_reasons[0]
 
 
+def test_temperature_is_a_constant_temperature(server, checkpoint):
+    """`temperature` (what OpenAI front-ends send) is `--temp`: t_min = t_max = it."""
+    model, tokenizer = load(checkpoint)
+    ids = tokenizer.apply_chat_template(HELLO, add_generation_prompt=True, enable_thinking=False)
+    expected = batch_generate(model, tokenizer, [ids], seed=5, max_tokens=2 * L, temp=1.3).texts[0]
+    answer = chat(server, seed=5, max_tokens=2 * L, temperature=1.3).choices[0].message.content
+    assert answer == expected
+    assert answer == chat(server, seed=5, max_tokens=2 * L, extra_body={"t_min": 1.3, "t_max": 1.3}).choices[0].message.content
+    assert answer != chat(server, seed=5, max_tokens=2 * L).choices[0].message.content
+
+
 def test_the_fast_path_serves_the_python_apis_fast_answer(checkpoint):
     model, tokenizer = load(checkpoint)
     ids = tokenizer.apply_chat_template(HELLO, add_generation_prompt=True, enable_thinking=False)
@@ -247,7 +258,9 @@ def test_concurrent_clients_each_get_their_alone_answer(server, log_lines):
     ({"messages": HELLO, "n": 2}, 400, "n"),
     ({"messages": HELLO, "logprobs": True}, 400, "logprobs"),
     ({"messages": HELLO, "response_format": {"type": "json_object"}}, 400, "response_format"),
-    ({"messages": HELLO, "temperature": 0.7}, 400, "temperature"),
+    ({"messages": HELLO, "temperature": 0}, 400, "temperature"),
+    ({"messages": HELLO, "temperature": 0.7, "t_max": 0.9}, 400, "temperature"),
+    ({"messages": HELLO, "temperature": "hot"}, 400, "temperature"),
     ({"messages": HELLO, "max_denoising_steps": 0}, 400, None),
     ({"messages": HELLO, "seed": -1}, 400, "seed"),
     ({"messages": HELLO, "stream": "yes"}, 400, "stream"),

@@ -23,15 +23,13 @@ SAMPLER_FIELDS = {"max_denoising_steps": int, "entropy_bound": float, "t_min": f
 
 # Parameters the sampler cannot honour, with the values that ask for nothing.
 _NO_OP = {
-    "temperature": (None,), "top_p": (None, 1, 1.0), "top_k": (None, 0, -1), "min_p": (None, 0, 0.0),
+    "top_p": (None, 1, 1.0), "top_k": (None, 0, -1), "min_p": (None, 0, 0.0),
     "logprobs": (None, False), "top_logprobs": (None, 0), "n": (None, 1), "best_of": (None, 1),
     "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "repetition_penalty": (None, 0, 1),
     "logit_bias": (None, {}), "echo": (None, False), "suffix": (None, ""),
     "response_format": (None, {"type": "text"}),
 }
 _WHY = {
-    "temperature": "the diffusion sampler's temperature falls from t_max to t_min over each block's steps; "
-                   "set t_max and t_min instead",
     "response_format": "structured output is not supported by the diffusion sampler",
     **{name: "the sampler draws every position from the whole tempered distribution; entropy_bound sets how "
              "much of a canvas a step accepts" for name in ("top_p", "top_k", "min_p")},
@@ -150,6 +148,14 @@ def parse(kind: str, body, served: Served) -> Request:
         raise ApiError(400, "seed must be below 2**64", param="seed")
     seed = secrets.randbits(63) if seed is None else seed
     options = {name: _typed(body, name, kind) for name, kind in SAMPLER_FIELDS.items()}
+    temperature = _typed(body, "temperature", float)
+    if temperature is not None:  # a constant temperature, as `--temp` sets it
+        if options["t_min"] is not None or options["t_max"] is not None:
+            raise ApiError(400, "temperature sets both t_min and t_max; send it or them", param="temperature")
+        if not temperature > 0:
+            raise ApiError(400, f"temperature must be above 0, got {temperature!r}: each step samples from the "
+                                "tempered logits (the committed block is their argmax already)", param="temperature")
+        options["t_min"] = options["t_max"] = temperature
     if _typed(body, "ignore_eos", bool, False):  # as vLLM has it: every answer runs to max_tokens
         options["eos_token_id"] = ()
     try:
