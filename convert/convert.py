@@ -28,6 +28,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import MAX_FILE_SIZE_GB, save_config
 
 from .. import __version__
+from ..errors import UserError, first_line
 from ..loader import ALLOW_PATTERNS, CheckpointError, read_config, resolve_model_path
 from ..memory import human_size
 from ..model import VISION_PREFIXES, Model, ModelArgs
@@ -46,7 +47,7 @@ LOCK_FILE = ".mlxdg-convert.lock"
 _SPACE_MARGIN = 16 << 20
 
 
-class ConvertError(Exception):
+class ConvertError(UserError):
     """Bad input or a failed step, with a one-line message meant for people."""
 
 
@@ -120,17 +121,12 @@ def check_options(quantize: bool, q_bits: Optional[int], q_group_size: int, reci
     return Options(recipe, q_bits or recipes.DEFAULT_Q_BITS, q_group_size, dtype, text_only)
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _skeleton(config: dict) -> Model:
     """The model for ``config`` with unevaluated parameters: shapes and names, no memory."""
     try:
         return Model(ModelArgs.from_dict(config))
     except (TypeError, ValueError, KeyError) as e:
-        raise ConvertError(f"config.json does not describe a DiffusionGemma model: {_first_line(e)}") from None
+        raise ConvertError(f"config.json does not describe a DiffusionGemma model: {first_line(e)}") from None
 
 
 def text_shapes(model: Model) -> Dict[str, Tuple[int, ...]]:
@@ -148,7 +144,7 @@ def plan(source: Path, config: dict, options: Options) -> List[Tensor]:
         try:
             weights = mx.load(str(path))
         except (RuntimeError, ValueError, OSError) as e:
-            raise ConvertError(f"cannot read {path}: {_first_line(e)}") from None
+            raise ConvertError(f"cannot read {path}: {first_line(e)}") from None
         for key in sorted(weights):
             array = weights.pop(key)
             if key in seen:
@@ -490,7 +486,7 @@ def upload(out: Path, repo: str) -> None:
         api.upload_folder(repo_id=repo, folder_path=out, repo_type="model",
                           commit_message=f"Upload {out.name}, converted with mlx-diffgemma {__version__}")
     except Exception as e:  # network, auth and hub errors alike: the conversion itself stands
-        raise ConvertError(f"upload to {repo} failed ({_first_line(e)}); the converted model is in {out}") from None
+        raise ConvertError(f"upload to {repo} failed ({first_line(e)}); the converted model is in {out}") from None
 
 
 def convert(hf_path: str, mlx_path: str = "mlx_model", quantize: bool = False, q_bits: Optional[int] = None,

@@ -16,11 +16,11 @@ import signal
 import sys
 from typing import Callable, List, Optional
 
-from .commands import (CommandAnswer, Checkpoint, ContextTooLong, Settings, SoftInterrupt, encode_prompt, error_line,
-                       reported, require_stdout, run_answer)
+from .commands import CommandAnswer, Settings, SoftInterrupt, encode_prompt, open_checkpoint, require_stdout, run_answer
+from .errors import error_line
 from .generate import resolve_config
 from .live import make_view
-from .loader import check_chat_template
+from .loader import Checkpoint, ContextTooLong, check_chat_template
 from .memory import InsufficientMemory
 from .sudoku import is_sudoku
 from .sudoku.puzzles import PuzzleError, format_grid, parse as parse_puzzle
@@ -123,17 +123,16 @@ def repl(session: ChatSession, make_view: Callable[[], object]) -> None:
 
 def chat_command(settings: Settings) -> None:
     """``mlxdg chat``."""
-    with reported(settings.debug):
-        require_stdout()
-        checkpoint = Checkpoint(settings)
-        tokenizer = checkpoint.tokenizer
-        check_chat_template(tokenizer, checkpoint.path, advice="chat needs one; mlxdg generate "
-                            "--ignore-chat-template answers a prompt as it is")
-        opening = encode_prompt(settings, tokenizer, "", use_template=True)
-        checkpoint.check_memory(len(opening))
-        session = ChatSession(checkpoint, checkpoint.load(), settings)
-        if sys.stdin.isatty():
-            import readline  # noqa: F401  (line editing and history for input())
+    require_stdout()
+    checkpoint = open_checkpoint(settings)
+    tokenizer = checkpoint.tokenizer
+    check_chat_template(tokenizer, checkpoint.path, advice="chat needs one; mlxdg generate "
+                        "--ignore-chat-template answers a prompt as it is")
+    opening = encode_prompt(settings, tokenizer, "", use_template=True)
+    checkpoint.check_memory([len(opening)])
+    session = ChatSession(checkpoint, checkpoint.load(), settings)
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  (line editing and history for input())
 
-        steps = checkpoint.sampler.max_denoising_steps
-        repl(session, lambda: make_view(tokenizer, steps, no_live=settings.no_live))
+    steps = checkpoint.sampler.max_denoising_steps
+    repl(session, lambda: make_view(tokenizer, steps, no_live=settings.no_live))

@@ -353,14 +353,12 @@ def serve(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ):
     """Serve the OpenAI API (chat and text completions), batching concurrent requests."""
-    from .commands import Settings, reported
     from .server import serve as run_server
 
-    with reported(debug):
-        run_server(Settings(model=model).model_ref, host=host, port=port, max_batch=max_batch, max_queue=max_queue,
-                   memory_limit=memory_limit, api_key=api_key, max_tokens=max_tokens, prefix_cache=prefix_cache,
-                   cpu_dequantize=CpuDequantize(cpu_dequantize).value, exact=exact, sc_top_k=sc_top_k,
-                   canvas=CanvasChoice(canvas).value, adapter_path=adapter_path)
+    run_server(Settings(model=model).model_ref, host=host, port=port, max_batch=max_batch, max_queue=max_queue,
+               memory_limit=memory_limit, api_key=api_key, max_tokens=max_tokens, prefix_cache=prefix_cache,
+               cpu_dequantize=CpuDequantize(cpu_dequantize).value, exact=exact, sc_top_k=sc_top_k,
+               canvas=CanvasChoice(canvas).value, adapter_path=adapter_path)
 
 
 # Fine-tuning lives in its own modules; their heavy imports happen inside the commands.

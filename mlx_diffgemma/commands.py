@@ -1,13 +1,13 @@
-"""What ``mlxdg generate`` and ``mlxdg chat`` share: opening a checkpoint and
-refusing, before its weights are read, a request that cannot fit; running one
-answer with a view and a soft Ctrl-C; reporting errors in one line.
+"""What ``mlxdg generate`` and ``mlxdg chat`` share: the checkpoint of their
+flags, opened so that a request that cannot fit is refused before its weights
+are read (``loader.Checkpoint``); one answer run with a view and a soft
+Ctrl-C. A failure becomes one ``mlxdg:`` line in ``cli.Commands``.
 """
 
 import json
 import os
 import signal
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import List, Optional
@@ -17,76 +17,26 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .engine import Draft
-from .errors import UserError, describe, error_line
+from .errors import error_line
 from .generate import (Answer, Answers, Block, GenerationResult, generation_result, print_summary, prompt_ids,
                        run_statistics, stream_blocks)
 from .live import make_view
-from .loader import (CheckpointError, check_chat_template, load_checkpoint_tokenizer, load_model, read_config,
-                     resolve_model_path)
-from .memory import checkpoint_weight_bytes, device_budget, inference_plan, positions_needed
-from .model import ModelArgs
+from .loader import Checkpoint, CheckpointError, ContextTooLong, check_chat_template  # noqa: F401  (chat's too)
 from .sampler import SamplerConfig
 from .settings import DEFAULT_MODEL, MODEL_ENV, Settings, memory_limit_option  # noqa: F401  (callers find them here)
 from .sudoku import is_sudoku
-from .sudoku.puzzles import PuzzleError, format_grid, parse as parse_puzzle, warn_if_unsolved
+from .sudoku.puzzles import format_grid, parse as parse_puzzle, warn_if_unsolved
 
 
-class ContextTooLong(UserError, ValueError):
-    """A prompt that, with its answer, needs more positions than the model has."""
-
-
-class Checkpoint:
-    """A checkpoint opened for generation: config, tokenizer and sampler
-    settings, but no weights until ``load``, so that requests that cannot fit
-    are refused first (``check_positions``, ``check_memory``)."""
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.path = resolve_model_path(settings.model_ref)
-        self.config = read_config(self.path)
-        self.args = ModelArgs.from_dict(self.config)
-        self.tokenizer = load_checkpoint_tokenizer(self.path, eos_token_ids=self.config.get("eos_token_id"))
-        if settings.adapter_path is not None:
-            from .tuner.adapters import read_adapter_config
-
-            read_adapter_config(Path(settings.adapter_path).expanduser())  # a bad folder fails before the weights load
-        try:
-            self.sampler = SamplerConfig.from_checkpoint(self.path).override(**settings.sampler_overrides())
-        except ValueError as e:
-            raise typer.BadParameter(str(e)) from None
-
-    def context(self, cached: int, new: int) -> int:
-        """Positions used once ``new`` tokens after ``cached`` ones have their
-        whole answer: the last canvas sits after every earlier block."""
-        return positions_needed(cached + new, self.sampler.max_new_tokens, self.args.canvas_length)
-
-    def check_positions(self, cached: int, new: int, advice: str) -> None:
-        needed, allowed = self.context(cached, new), self.args.max_position_embeddings
-        if needed > allowed:
-            before = f" after {cached} earlier ones" if cached else ""
-            raise ContextTooLong(
-                f"the prompt is {new} tokens{before}; with up to {self.sampler.max_new_tokens} new tokens "
-                f"that needs {needed} positions, but the model has {allowed}; {advice}")
-
-    def check_memory(self, prompt_tokens: int, canvases: int = 1) -> None:
-        """The planner's forecast from the safetensors sizes, before any weight is read."""
-        inference_plan(self.args, checkpoint_weight_bytes(self.path), self.context(0, prompt_tokens),
-             _activation_bytes(self.config), device_budget(self.settings.memory_limit)).require(canvases)
-
-    def load(self):
-        model, _ = load_model(self.path, cpu_dequantize=self.settings.cpu_dequantize,
-                              memory_budget=device_budget(self.settings.memory_limit))
-        if self.settings.adapter_path is not None:
-            from .tuner.adapters import load_adapters
-
-            load_adapters(model, self.settings.adapter_path)
-        return model
-
-
-def _activation_bytes(config: dict) -> int:
-    text = config.get("text_config", {})
-    dtype = config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
-    return 4 if dtype == "float32" else 2
+def open_checkpoint(settings: Settings) -> Checkpoint:
+    """The checkpoint of ``settings``, with the sampler settings of its flags."""
+    checkpoint = Checkpoint(settings.model_ref, adapter_path=settings.adapter_path,
+                            cpu_dequantize=settings.cpu_dequantize, memory_limit=settings.memory_limit)
+    try:
+        checkpoint.sampler = checkpoint.sampler.override(**settings.sampler_overrides())
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    return checkpoint
 
 
 class SoftInterrupt:
@@ -179,34 +129,6 @@ def run_answer(model, tokenizer, prompt: List[int], sampler: SamplerConfig, sett
     return answer
 
 
-@contextmanager
-def reported(debug: bool):
-    """Errors become one line on stderr and a non-zero exit; ``debug`` keeps the traceback."""
-    try:
-        yield
-    except (typer.Exit, typer.BadParameter):
-        raise
-    except BrokenPipeError:
-        # The reader went away (``| head``): nothing to say, and nothing more to write at exit either.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(128 + signal.SIGPIPE) from None
-    except (UserError, PuzzleError) as e:
-        if debug:
-            raise
-        error_line(str(e))
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        error_line("interrupted")
-        raise typer.Exit(130) from None
-    except Exception as e:
-        if debug:
-            raise
-        error_line(describe(e))
-        raise typer.Exit(1) from None
-
-
 def first_messages(settings: Settings, message: str) -> List[dict]:
     """The chat messages that open a conversation with ``message``."""
     system = [{"role": "system", "content": settings.system}] if settings.system else []
@@ -234,37 +156,36 @@ def require_stdout() -> None:
 def generate_command(settings: Settings, prompt: Optional[str], prompt_file: Optional[Path],
                      no_chat_template: bool, json_output: bool) -> None:
     """``mlxdg generate``."""
-    with reported(settings.debug):
-        require_stdout()
-        text = read_prompt(prompt, prompt_file)
-        checkpoint = Checkpoint(settings)
-        tokenizer = checkpoint.tokenizer
-        puzzle = None
-        if is_sudoku(checkpoint.config):
-            puzzle = parse_puzzle(text)
-            text = format_grid(puzzle)
-        if not no_chat_template:
-            check_chat_template(tokenizer, checkpoint.path)
-        ids = encode_prompt(settings, tokenizer, text, use_template=not no_chat_template)
-        checkpoint.check_positions(0, len(ids), "shorten the prompt or lower --max-tokens")
-        checkpoint.check_memory(len(ids))
-        model = checkpoint.load()
-        if json_output:
-            settings = replace(settings, verbose=False)
-        elif settings.verbose:
-            print("=" * 10)
-        view = make_view(tokenizer, checkpoint.sampler.max_denoising_steps, json_output, settings.no_live,
-                         puzzle=puzzle)
-        with SoftInterrupt() as interrupt:
-            answer = run_answer(model, tokenizer, ids.tolist(), checkpoint.sampler, settings, view, interrupt)
-        if puzzle is not None and answer.finish_reason != "interrupted":
-            warn_if_unsolved(puzzle, answer.text)
-        if json_output:
-            typer.echo(json.dumps({"model": str(checkpoint.path), "seed": settings.seed, **answer.as_json()}))
-        if answer.finish_reason == "interrupted":
-            blocks = len(answer.steps)
-            error_line(f"{interrupt.verb}; the answer so far is the {blocks} committed block{'s' * (blocks != 1)}")
-            raise typer.Exit(interrupt.exit_code)
+    require_stdout()
+    text = read_prompt(prompt, prompt_file)
+    checkpoint = open_checkpoint(settings)
+    tokenizer = checkpoint.tokenizer
+    puzzle = None
+    if is_sudoku(checkpoint.config):
+        puzzle = parse_puzzle(text)
+        text = format_grid(puzzle)
+    if not no_chat_template:
+        check_chat_template(tokenizer, checkpoint.path)
+    ids = encode_prompt(settings, tokenizer, text, use_template=not no_chat_template)
+    checkpoint.check_positions(0, len(ids), "shorten the prompt or lower --max-tokens")
+    checkpoint.check_memory([len(ids)])
+    model = checkpoint.load()
+    if json_output:
+        settings = replace(settings, verbose=False)
+    elif settings.verbose:
+        print("=" * 10)
+    view = make_view(tokenizer, checkpoint.sampler.max_denoising_steps, json_output, settings.no_live,
+                     puzzle=puzzle)
+    with SoftInterrupt() as interrupt:
+        answer = run_answer(model, tokenizer, ids.tolist(), checkpoint.sampler, settings, view, interrupt)
+    if puzzle is not None and answer.finish_reason != "interrupted":
+        warn_if_unsolved(puzzle, answer.text)
+    if json_output:
+        typer.echo(json.dumps({"model": str(checkpoint.path), "seed": settings.seed, **answer.as_json()}))
+    if answer.finish_reason == "interrupted":
+        blocks = len(answer.steps)
+        error_line(f"{interrupt.verb}; the answer so far is the {blocks} committed block{'s' * (blocks != 1)}")
+        raise typer.Exit(interrupt.exit_code)
 
 
 def batch_command(settings: Settings, prompts_file: Path, no_chat_template: bool, json_output: bool,
@@ -272,45 +193,44 @@ def batch_command(settings: Settings, prompts_file: Path, no_chat_template: bool
     """``mlxdg generate --prompts-file``: every prompt of the file, batched
     (at most ``max_batch`` at once); the answers in the file's order (JSON
     Lines with ``--json``)."""
-    with reported(settings.debug):
-        require_stdout()
-        texts = read_prompts(prompts_file)
-        checkpoint = Checkpoint(settings)
-        tokenizer = checkpoint.tokenizer
-        if not no_chat_template:
-            check_chat_template(tokenizer, checkpoint.path)
-        rows = [encode_prompt(settings, tokenizer, text, use_template=not no_chat_template) for text in texts]
-        longest = max(len(ids) for ids in rows)
-        checkpoint.check_positions(0, longest, "shorten the longest prompt or lower --max-tokens")
-        checkpoint.check_memory(longest, min(max_batch or 1, len(rows)))
-        model = checkpoint.load()
-        answers = Answers()
-        events = stream_blocks(model, tokenizer, [ids.tolist() for ids in rows], config=checkpoint.sampler,
-                                 seed=settings.seed, memory_limit=settings.memory_limit, max_batch=max_batch,
-                                 **settings.path)
-        written = 0
-        previous = signal.signal(signal.SIGTERM, _terminate)
-        try:
-            with batch_progress() as progress:
-                task = progress.add_task("answering", total=len(texts))
-                for event in events:
-                    if not isinstance(event, Block):
-                        continue
-                    progress.update(task, advance=len(answers.add(event)),
-                                    description=f"{event.generation_tps:.1f} tok/s")
-                    # In the file's order, each answer as soon as it and all before it are done.
-                    while written in answers.rows and answers.rows[written].finish_reason is not None:
-                        write_answer(written, texts[written], answers.rows[written], json_output)
-                        written += 1
-        except KeyboardInterrupt as e:
-            stopped, code = ("terminated", 128 + signal.SIGTERM) if isinstance(e, Terminated) else ("interrupted", 130)
-            error_line(f"{stopped}; the first {written} of {len(texts)} answers were written")
-            raise typer.Exit(code) from None
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-            events.close()
-        if settings.verbose and not json_output:
-            print_summary(answers.result(), texts=False)
+    require_stdout()
+    texts = read_prompts(prompts_file)
+    checkpoint = open_checkpoint(settings)
+    tokenizer = checkpoint.tokenizer
+    if not no_chat_template:
+        check_chat_template(tokenizer, checkpoint.path)
+    rows = [encode_prompt(settings, tokenizer, text, use_template=not no_chat_template) for text in texts]
+    longest = max(len(ids) for ids in rows)
+    checkpoint.check_positions(0, longest, "shorten the longest prompt or lower --max-tokens")
+    checkpoint.check_memory(map(len, rows), max_batch)
+    model = checkpoint.load()
+    answers = Answers()
+    events = stream_blocks(model, tokenizer, [ids.tolist() for ids in rows], config=checkpoint.sampler,
+                             seed=settings.seed, memory_limit=settings.memory_limit, max_batch=max_batch,
+                             **settings.path)
+    written = 0
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        with batch_progress() as progress:
+            task = progress.add_task("answering", total=len(texts))
+            for event in events:
+                if not isinstance(event, Block):
+                    continue
+                progress.update(task, advance=len(answers.add(event)),
+                                description=f"{event.generation_tps:.1f} tok/s")
+                # In the file's order, each answer as soon as it and all before it are done.
+                while written in answers.rows and answers.rows[written].finish_reason is not None:
+                    write_answer(written, texts[written], answers.rows[written], json_output)
+                    written += 1
+    except KeyboardInterrupt as e:
+        stopped, code = ("terminated", 128 + signal.SIGTERM) if isinstance(e, Terminated) else ("interrupted", 130)
+        error_line(f"{stopped}; the first {written} of {len(texts)} answers were written")
+        raise typer.Exit(code) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        events.close()
+    if settings.verbose and not json_output:
+        print_summary(answers.result(), texts=False)
 
 
 class Terminated(KeyboardInterrupt):

@@ -18,8 +18,10 @@ from typing import Optional
 
 import typer
 
+from .errors import UserError
 
-class FuseError(ValueError):
+
+class FuseError(UserError, ValueError):
     """Bad input to fuse, said in one line."""
 
 
@@ -134,18 +136,9 @@ def command(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ):
     """Merge adapters (or a full fine-tune) into the base model and write a checkpoint."""
-    from .commands import error_line, reported
-    from .convert.convert import ConvertError
     from .convert.recipes import DEFAULT_RECIPE
 
-    with reported(debug):
-        try:
-            out = fuse(model, adapter_path, save_path, de_quantize=de_quantize,
-                       recipe=recipe or (DEFAULT_RECIPE if quantize else None), q_bits=q_bits,
-                       q_group_size=q_group_size, force=force)
-        except (FuseError, ConvertError) as e:
-            if debug:
-                raise
-            error_line(str(e))
-            raise typer.Exit(1) from None
+    out = fuse(model, adapter_path, save_path, de_quantize=de_quantize,
+               recipe=recipe or (DEFAULT_RECIPE if quantize else None), q_bits=q_bits, q_group_size=q_group_size,
+               force=force)
     typer.echo(f"Fused {adapter_path} into {model}: {out}")

@@ -14,6 +14,8 @@ from typing import Optional
 
 import typer
 
+from .errors import UserError
+
 DEFAULTS = {
     "model": None,
     "train": False,
@@ -47,7 +49,7 @@ DEFAULTS = {
 OPTIMIZERS = ("adam", "adamw", "sgd", "adafactor", "muon")
 
 
-class OptionError(ValueError):
+class OptionError(UserError, ValueError):
     """An option that cannot work, named with its flag."""
 
 
@@ -292,22 +294,12 @@ def command(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ):
     """Fine-tune DiffusionGemma with its own objective (LoRA, DoRA or full), as mlx_lm.lora does."""
-    from .commands import error_line, reported
-    from .tuner.datasets import DataError
-
-    given = {k: v for k, v in locals().items() if k not in ("debug", "reported", "error_line", "DataError")}
+    given = {k: v for k, v in locals().items() if k != "debug"}
     for flag in ("train", "test", "grad_checkpoint"):  # a flag not given leaves the config file's value
         given[flag] = given[flag] or None
-    with reported(debug):
+    if given["lora_parameters"] is not None:
         try:
-            if given["lora_parameters"] is not None:
-                try:
-                    given["lora_parameters"] = json.loads(given["lora_parameters"])
-                except json.JSONDecodeError as e:
-                    raise OptionError(f"--lora-parameters is not JSON ({e.msg})") from None
-            run(resolve_options(given))
-        except (OptionError, DataError) as e:
-            if debug:
-                raise
-            error_line(str(e))
-            raise typer.Exit(1) from None
+            given["lora_parameters"] = json.loads(given["lora_parameters"])
+        except json.JSONDecodeError as e:
+            raise OptionError(f"--lora-parameters is not JSON ({e.msg})") from None
+    run(resolve_options(given))

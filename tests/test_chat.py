@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from mlx_diffgemma import batch_generate, commands
 from mlx_diffgemma.chat import HELP, ChatSession
 from mlx_diffgemma.cli import app
-from mlx_diffgemma.commands import Checkpoint, Settings, SoftInterrupt
+from mlx_diffgemma.commands import Settings, SoftInterrupt, open_checkpoint
 from mlx_diffgemma.generate import Block
 from mlx_diffgemma.live import QuietView
 
@@ -32,7 +32,7 @@ def settling(make_checkpoint):
 
 def session_for(path, seed, max_tokens=2 * L):
     settings = Settings(model=str(path), seed=seed, max_tokens=max_tokens)
-    checkpoint = Checkpoint(settings)
+    checkpoint = open_checkpoint(settings)
     return ChatSession(checkpoint, checkpoint.load(), settings)
 
 

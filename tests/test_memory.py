@@ -141,3 +141,34 @@ def test_impossible_request_fails_before_allocating():
         real.require(canvases=real.max_canvases + 1)
     with pytest.raises(InsufficientMemory):
         inference_plan(ModelArgs(), weight_bytes=50 << 30, kv_tokens=512, budget=24 << 30).require()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_one_forecast_before_loading_and_in_the_engine(make_checkpoint, monkeypatch, dtype):
+    """The check before any weight is read and the engine's batch sizing get the same plan for the
+    same run: same weights (as loaded, after the CPU backend's upcast of bfloat16), activation dtype
+    and cache length (the prompt and every block but the last; the canvas is counted apart)."""
+    import importlib
+
+    from mlx_diffgemma.loader import Checkpoint
+    from mlx_diffgemma.memory import generation_plan, weight_bytes
+
+    generate = importlib.import_module("mlx_diffgemma.generate")  # the module; the package's generate is the function
+    path = make_checkpoint("two_layer", dtype=dtype)
+    checkpoint = Checkpoint(str(path), memory_limit="4GB")
+    checkpoint.sampler = checkpoint.sampler.override(max_new_tokens=20)
+    prompts = [[5, 6, 7], [8] * 11]
+    before = checkpoint.memory_plan(map(len, prompts))
+    checkpoint.check_memory(map(len, prompts), max_batch=2)
+    model = checkpoint.load()
+    seen = []
+    monkeypatch.setattr(generate, "generation_plan", lambda *a, **k: seen.append(generation_plan(*a, **k)) or seen[-1])
+    generate.batch_generate(model, checkpoint.tokenizer, prompts, config=checkpoint.sampler, max_batch=2,
+                            memory_limit="4GB")
+    assert seen == [before]
+    assert before.weights == weight_bytes(model)
+    L = model.args.canvas_length
+    assert before.kv_per_prompt == kv_bytes(model.args, 11 + (-(-20 // L) - 1) * L, model.dtype.size)
+    if dtype == "bfloat16" and mx.default_device() == mx.cpu:
+        # What the safetensors headers alone say is the bfloat16 size; the CPU backend holds float32.
+        assert model.dtype == mx.float32 and before.weights > checkpoint_weight_bytes(path)

@@ -68,15 +68,14 @@ def open_server(model: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, 
     """A server for the checkpoint ``model`` (with the adapters ``mlxdg lora`` wrote to
     ``adapter_path``), not started (``start`` loads the weights); ``exact``, ``sc_top_k``
     and ``canvas`` choose the engine's path as ``mlxdg generate`` does."""
-    from ..commands import Checkpoint, Settings
+    from ..loader import Checkpoint
     from ..sampler import DEFAULT_SELF_CONDITIONING_TOP_K
     from ..generate import resolve_config
     from ..memory import DEFAULT_MAX_BATCH
 
-    settings = Settings(model=model, max_tokens=max_tokens, memory_limit=memory_limit, cpu_dequantize=cpu_dequantize,
-                        adapter_path=adapter_path)
-    checkpoint = Checkpoint(settings)
-    checkpoint.check_memory(1)
+    checkpoint = Checkpoint(model, adapter_path=adapter_path, cpu_dequantize=cpu_dequantize, memory_limit=memory_limit)
+    checkpoint.sampler = checkpoint.sampler.override(max_new_tokens=max_tokens)
+    checkpoint.check_memory([1])
     served = Served(model, checkpoint.tokenizer, checkpoint.args,
                     resolve_config(None, checkpoint.tokenizer, checkpoint.sampler, {}),
                     aliases=(str(checkpoint.path), checkpoint.path.name))

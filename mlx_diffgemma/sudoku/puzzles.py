@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
+from ..errors import UserError
+
 Grid = Tuple[int, ...]
 
 CELLS = 81
@@ -32,7 +34,7 @@ UNITS = ([[r * 9 + c for c in range(9)] for r in range(9)]
 _DIGIT = {1 << d: d for d in range(1, 10)}
 
 
-class PuzzleError(ValueError):
+class PuzzleError(UserError, ValueError):
     """Text that is not a 9x9 puzzle, said in one line."""
 
 

@@ -56,10 +56,10 @@ def read_adapter_config(adapter_path: Path) -> dict:
     return config
 
 
-def load_adapters(model, adapter_path) -> dict:
+def load_adapters(model, adapter_path, lazy: bool = False) -> dict:
     """Apply the adapters (or fully fine-tuned weights) in ``adapter_path`` to
-    ``model``; returns their config. Adapters trained on another model are
-    refused in one line."""
+    ``model`` (read later with ``lazy``); returns their config. Adapters
+    trained on another model are refused in one line."""
     adapter_path = Path(adapter_path).expanduser()
     config = read_adapter_config(adapter_path)
     if not (adapter_path / "adapters.safetensors").is_file():
@@ -73,5 +73,6 @@ def load_adapters(model, adapter_path) -> dict:
                               f"{config.get('model', 'another checkpoint')}") from None
     except (RuntimeError, OSError) as e:
         raise CheckpointError(f"{adapter_path}/adapters.safetensors cannot be read ({e})") from None
-    mx.eval(model.parameters())
+    if not lazy:
+        mx.eval(model.parameters())
     return config

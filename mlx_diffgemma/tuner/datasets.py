@@ -24,6 +24,7 @@ from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 
+from ..errors import UserError
 from ..generate import prompt_ids
 from .batches import Batch, Example, collate
 
@@ -31,7 +32,7 @@ SPLITS = ("train", "valid", "test")
 END_OF_TURN = "<turn|>"  # Gemma 4 closes every chat turn with it
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Unusable training data, said in one line that names the file (and line)."""
 
 
