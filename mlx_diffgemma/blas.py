@@ -44,7 +44,7 @@ class Decision:
     message: str = ""
 
 
-def decide(
+def choose_blas(
     system: str,
     env: Mapping[str, str],
     bundled_blas: Optional[Path],
@@ -159,8 +159,8 @@ def setup() -> str:
     global _blas
     if _blas is None:
         bundled = bundled_reference_blas() if sys.platform == "linux" else None
-        decision = decide(sys.platform, os.environ, bundled, global_cblas() if bundled else None,
-                          "mlx.core" in sys.modules, find_openblas)
+        decision = choose_blas(sys.platform, os.environ, bundled, global_cblas() if bundled else None,
+                               "mlx.core" in sys.modules, find_openblas)
         if decision.action == "load":
             try:
                 ctypes.CDLL(str(decision.path), mode=os.RTLD_NOW | os.RTLD_GLOBAL)

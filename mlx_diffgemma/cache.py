@@ -16,7 +16,7 @@ from mlx_lm.models.cache import KVCache, _BaseCache
 class FullAttentionCache(KVCache):
     """Every encoded position, as mlx-lm stores it."""
 
-    def context(self) -> Optional[Tuple[mx.array, mx.array]]:
+    def cached_kv(self) -> Optional[Tuple[mx.array, mx.array]]:
         return None if self.keys is None else self.keys_and_values()
 
 
@@ -41,7 +41,7 @@ class SlidingWindowCache(_BaseCache):
         self.values = values[..., start:, :]
         return keys, values
 
-    def context(self) -> Optional[Tuple[mx.array, mx.array]]:
+    def cached_kv(self) -> Optional[Tuple[mx.array, mx.array]]:
         return None if self.keys is None else (self.keys, self.values)
 
     def size(self):
@@ -73,12 +73,12 @@ def _stack(arrays) -> mx.array:
 
 
 class _BatchedLayer:
-    """One layer of a BatchedContext, with the interface the attention layer uses."""
+    """One layer of a BatchedCache, with the interface the attention layer uses."""
 
     def __init__(self, keys, values, row_caches):
         self.keys, self.values, self.row_caches = keys, values, row_caches
 
-    def context(self):
+    def cached_kv(self):
         return None if self.keys is None else (self.keys, self.values)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
@@ -91,7 +91,7 @@ class _BatchedLayer:
         return mx.concatenate([self.keys, keys], axis=2), mx.concatenate([self.values, values], axis=2)
 
 
-class BatchedContext:
+class BatchedCache:
     """The caches of several sequences side by side for one block.
 
     Each sequence keeps its own cache (batch 1); here every layer's kept keys
@@ -107,7 +107,7 @@ class BatchedContext:
         self.layers, self.valid = [], []
         for layer in range(len(row_caches[0])):
             caches = [row[layer] for row in row_caches]
-            contexts = [c.context() for c in caches]
+            contexts = [c.cached_kv() for c in caches]
             lengths = [0 if c is None else c[0].shape[2] for c in contexts]
             longest = max(lengths)
             if longest == 0:
@@ -136,9 +136,9 @@ class BatchedContext:
     def __len__(self):
         return len(self.row_caches)
 
-    def take(self, rows) -> "BatchedContext":
+    def take(self, rows) -> "BatchedCache":
         """The context of batch ``rows`` (positions in this batch) only; no re-padding."""
-        taken = object.__new__(BatchedContext)
+        taken = object.__new__(BatchedCache)
         index = mx.array(rows)
         taken.row_caches = [self.row_caches[r] for r in rows]
         taken.offsets = self.offsets[index]

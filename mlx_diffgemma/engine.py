@@ -10,7 +10,7 @@ then the next step's self-conditioning input, so that no logits outlive their
 rows' sampling.
 
 Requests are batched: each keeps its own cache, and each round the rows are
-denoised together through a ``BatchedContext`` (left-padded, with per-row
+denoised together through a ``BatchedCache`` (left-padded, with per-row
 positions, so a row's result does not depend on its neighbours). A row whose
 block has stopped keeps its result and leaves the computation for the rest of
 the round, as does a cancelled one. A request that produced an
@@ -30,7 +30,7 @@ from typing import Any, Iterable, Iterator, List, NamedTuple, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .cache import BatchedContext
+from .cache import BatchedCache
 from .sampler import (DEFAULT_SELF_CONDITIONING_TOP_K, NoiseSource, SamplerConfig, decide, empty_history, one_pass,
                       temper, temperatures)
 
@@ -241,9 +241,9 @@ class Denoiser:
         for round_ in itertools.count():
             if not active:
                 return
-            context = BatchedContext([slot.cache for slot in active])
+            caches = BatchedCache([slot.cache for slot in active])
             L = self.canvas_length(active)
-            tokens, steps, cancelled = yield from self._denoise_block(context, active, round_, L)
+            tokens, steps, cancelled = yield from self._denoise_block(caches, active, round_, L)
             kept = np.array([min(L, slot.max_new_tokens - slot.generated) for slot in active])
             is_eos = np.isin(tokens, eos)
             within = np.arange(L)[None] < kept[:, None]
@@ -257,14 +257,14 @@ class Denoiser:
                             tuple(slot.request for slot in active))
             keep = np.flatnonzero(~finished)
             if len(keep):
-                model.encode(mx.array(tokens[keep]), context.take(keep.tolist()))
+                model.encode(mx.array(tokens[keep]), caches.take(keep.tolist()))
             active = [active[i] for i in keep]
             for slot in active:
                 slot.block += 1
                 slot.generated += L
             admit()
 
-    def _denoise_block(self, context: BatchedContext, slots: List[_Slot], round_: int, L: int):
+    def _denoise_block(self, caches: BatchedCache, slots: List[_Slot], round_: int, L: int):
         """Denoise one block of ``L`` tokens for ``slots``; returns the argmax
         [len(slots), L], the steps each row ran and which rows were cancelled."""
         result = np.zeros((len(slots), L), dtype=np.int64)
@@ -273,7 +273,7 @@ class Denoiser:
         requests = tuple(s.request for s in slots)
         active = np.array([i for i, s in enumerate(slots) if not s.request.cancelled], dtype=np.int64)
         if len(active):
-            view = context if len(active) == len(slots) else context.take(active.tolist())
+            view = caches if len(active) == len(slots) else caches.take(active.tolist())
             canvas = self._draw([slots[i].draws for i in active], step=0, length=L)
             soft_embeddings = None
             history = empty_history(self.config, len(active), L)
@@ -305,10 +305,10 @@ class Denoiser:
                 if gone.any() and soft_embeddings is not None:  # it holds the rows that did not stop
                     soft_embeddings = soft_embeddings[mx.array(np.flatnonzero(~gone[~out.stop]))]
                 active = active[keep]
-                view = context.take(active.tolist())
+                view = caches.take(active.tolist())
         return result, steps, np.array([s.request.cancelled for s in slots], dtype=bool)
 
-    def step(self, context, canvas: mx.array, soft_embeddings: Optional[mx.array], history: mx.array,
+    def step(self, caches, canvas: mx.array, soft_embeddings: Optional[mx.array], history: mx.array,
              rows: Sequence[Row], *, step: int, temperature: float, last: bool = False) -> Step:
         """One denoising step of ``canvas`` [len(rows), L]. The body runs on
         every row at once; the logits and everything computed from them
@@ -316,7 +316,7 @@ class Denoiser:
         exist for ``logits_rows`` rows at a time. ``last`` skips the
         self-conditioning that no step would read. On the fast path, with the
         logits of every row at once, the whole step is one graph, evaluated once."""
-        hidden = self.model.hidden_states(canvas, context, soft_embeddings)
+        hidden = self.model.hidden_states(canvas, caches, soft_embeddings)
         size = self.logits_rows or len(rows)
         if self.exact or size < len(rows):
             mx.eval(hidden)

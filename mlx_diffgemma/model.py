@@ -23,7 +23,7 @@ from mlx_lm.models.gemma4_text import RMSNormNoScale, Router, geglu, logit_softc
 from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
-from .cache import BatchedContext, FullAttentionCache, SlidingWindowCache
+from .cache import BatchedCache, FullAttentionCache, SlidingWindowCache
 
 MODEL_TYPE = "diffusion_gemma"
 
@@ -288,9 +288,9 @@ class Attention(nn.Module):
 
         if writes_cache:
             keys, values = cache.update_and_fetch(keys, values)
-        elif (context := cache.context()) is not None:
-            keys = mx.concatenate([context[0], keys], axis=2)
-            values = mx.concatenate([context[1], values], axis=2)
+        elif (cached := cache.cached_kv()) is not None:
+            keys = mx.concatenate([cached[0], keys], axis=2)
+            values = mx.concatenate([cached[1], values], axis=2)
 
         out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
         return self.o_proj(out.swapaxes(1, 2).reshape(B, L, -1))
@@ -429,12 +429,12 @@ class Model(nn.Module):
     def encode(self, ids: mx.array, cache, chunk_size: int = 2048) -> None:
         """Causally encode ``ids`` [B, S] and append them to ``cache``.
 
-        ``cache`` is a list of layer caches, or a ``BatchedContext`` whose rows
+        ``cache`` is a list of layer caches, or a ``BatchedCache`` whose rows
         each receive their own row of ``ids`` (the context is stale afterwards).
         Long inputs to a plain cache are encoded ``chunk_size`` tokens at a time
         so that the attention scores of a long prompt never exist all at once.
         """
-        if isinstance(cache, BatchedContext):
+        if isinstance(cache, BatchedCache):
             self._encode_chunk(ids, cache.layers, cache.offsets, cache)
             mx.eval([(c.keys, c.values) for row in cache.row_caches for c in row])
             return
@@ -442,15 +442,15 @@ class Model(nn.Module):
             self._encode_chunk(ids[:, start : start + chunk_size], cache, cache[0].offset)
             mx.eval([(c.keys, c.values) for c in cache])
 
-    def _encode_chunk(self, ids: mx.array, layer_caches, offset, batched: BatchedContext = None) -> None:
+    def _encode_chunk(self, ids: mx.array, layer_caches, offset, batched: BatchedCache = None) -> None:
         decoder = self.model.decoder
         scalars = self.model.encoder.language_model.layers
         x = self._embed(ids)
         S = ids.shape[1]
         masks = {}
         for i, (layer, c, scalar) in enumerate(zip(decoder.layers, layer_caches, scalars)):
-            context = c.context()
-            kept = 0 if context is None else context[0].shape[2]
+            cached = c.cached_kv()
+            kept = 0 if cached is None else cached[0].shape[2]
             window = layer.self_attn.window
             key = (window, kept)
             if key not in masks:
@@ -504,11 +504,11 @@ class Model(nn.Module):
 
     def hidden_states(self, canvas: mx.array, cache, soft_embeddings: Optional[mx.array] = None) -> mx.array:
         """The decoder's final-norm output [B, L, hidden] for ``canvas`` [B, L]
-        after the cache (a list of layer caches or a ``BatchedContext``)."""
+        after the cache (a list of layer caches or a ``BatchedCache``)."""
         decoder = self.model.decoder
         x = self.decoder_inputs(canvas, soft_embeddings)
         L = canvas.shape[1]
-        if isinstance(cache, BatchedContext):
+        if isinstance(cache, BatchedCache):
             layer_caches, offset = cache.layers, cache.offsets
             masks = [cache.padding_mask(i, L) for i in range(len(cache.layers))]
         else:

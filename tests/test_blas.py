@@ -20,7 +20,7 @@ def unused():
 
 def decide(env=None, bundled=BUNDLED, global_blas=None, mlx_loaded=False, openblas=lambda: OPENBLAS,
            system="linux"):
-    return blas.decide(system, env or {}, bundled, global_blas, mlx_loaded, openblas)
+    return blas.choose_blas(system, env or {}, bundled, global_blas, mlx_loaded, openblas)
 
 
 def test_loads_openblas_before_mlx():

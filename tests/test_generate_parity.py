@@ -362,7 +362,7 @@ class ScriptedModel:
         return {}
 
     def make_cache(self):
-        return [type("Cache", (), {"offset": 0, "context": lambda self: None})()]
+        return [type("Cache", (), {"offset": 0, "cached_kv": lambda self: None})()]
 
     def encode(self, ids, cache):
         self.encoded.append(np.array(ids).tolist())

@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
-from mlx_diffgemma.cache import BatchedContext
+from mlx_diffgemma.cache import BatchedCache
 from mlx_diffgemma.engine import Denoiser, Row
 from mlx_diffgemma.loader import load_model
 from mlx_diffgemma.memory import (InsufficientMemory, cgroup_memory_limit, checkpoint_weight_bytes, device_budget,
@@ -94,7 +94,7 @@ def test_step_peak_forecast_within_25_percent(batch, logits_rows, prompt):
     for row in range(batch):
         caches.append(model.make_cache())
         model.encode(mx.zeros((1, prompt + row), dtype=mx.int32), caches[-1])
-    context = BatchedContext(caches)
+    batched = BatchedCache(caches)
     config, noise, rows = SamplerConfig(confidence_threshold=0.0), MLXNoise(0), list(range(batch))
     canvas = mx.zeros((batch, SMALL.canvas_length), dtype=mx.int32)
     history = empty_history(config, batch, SMALL.canvas_length)
@@ -105,8 +105,8 @@ def test_step_peak_forecast_within_25_percent(batch, logits_rows, prompt):
     mx.reset_peak_memory()
     resident = mx.get_active_memory()
     denoiser = Denoiser(model, config, noise, logits_rows)
-    first = denoiser.step(context, canvas, None, history, [Row(r, r) for r in rows], step=1, temperature=0.8)
-    second = denoiser.step(context, first.canvas, first.soft_embeddings, first.history, [Row(r, r) for r in rows],
+    first = denoiser.step(batched, canvas, None, history, [Row(r, r) for r in rows], step=1, temperature=0.8)
+    second = denoiser.step(batched, first.canvas, first.soft_embeddings, first.history, [Row(r, r) for r in rows],
                            step=2, temperature=0.7)
     assert not second.stop.any() and second.soft_embeddings.shape[0] == batch
     measured = mx.get_peak_memory() - resident

@@ -82,12 +82,12 @@ def test_encoder_cache_matches_reference(make_checkpoint):
     stages = run_both(make_checkpoint("four_layer"))
     _, cache, ref_cache = next(stages)
     for i, (ours, ref) in enumerate(zip(cache, ref_cache.layers)):
-        keys, values = ours.context()
+        keys, values = ours.cached_kv()
         assert keys.shape == tuple(ref.keys.shape), f"layer {i}"
         assert relative_error(keys, ref.keys) < TOLERANCE
         assert relative_error(values, ref.values) < TOLERANCE
     # Sliding layers keep window - 1 positions, full layers all of them.
-    assert cache[0].context()[0].shape[2] == 5 and cache[1].context()[0].shape[2] == PROMPT_LENGTH
+    assert cache[0].cached_kv()[0].shape[2] == 5 and cache[1].cached_kv()[0].shape[2] == PROMPT_LENGTH
 
 
 # Negative controls: plausible porting mistakes must break parity, or the test above proves nothing.

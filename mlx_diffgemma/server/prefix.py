@@ -28,7 +28,7 @@ def _copy_layer(layer, copy) -> object:
     else:
         raise TypeError(f"cannot keep a {type(layer).__name__} in the prefix cache")
     out.offset = layer.offset
-    context = layer.context()
+    context = layer.cached_kv()
     if context is not None:
         out.keys, out.values = (copy(a) for a in context)
     return out

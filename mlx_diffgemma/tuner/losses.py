@@ -126,7 +126,7 @@ class _Context:
     def __init__(self, keys, values):
         self.keys, self.values = keys, values
 
-    def context(self):
+    def cached_kv(self):
         return self.keys, self.values
 
 

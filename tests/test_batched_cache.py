@@ -5,7 +5,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_diffgemma.cache import BatchedContext
+from mlx_diffgemma.cache import BatchedCache
 from mlx_diffgemma.loader import load_model
 
 LENGTHS = [3, 11, 7]  # shorter and longer than the sliding window
@@ -39,13 +39,13 @@ def test_padded_batch_matches_rows_alone(model):
         cache = model.make_cache()
         model.encode(mx.array(prompt), cache)
         rows.append(cache)
-    context = BatchedContext(rows)
-    assert context.valid[1] is not None  # the full layer really is padded
-    first = model.denoise(canvas, context)
-    second = model.denoise(canvas, context, processed)
-    model.encode(block, context)  # commit: each row appends its own block
+    caches = BatchedCache(rows)
+    assert caches.valid[1] is not None  # the full layer really is padded
+    first = model.denoise(canvas, caches)
+    second = model.denoise(canvas, caches, processed)
+    model.encode(block, caches)  # commit: each row appends its own block
     assert [r[0].offset for r in rows] == [n + L for n in LENGTHS]
-    after_commit = model.denoise(canvas, BatchedContext(rows))
+    after_commit = model.denoise(canvas, BatchedCache(rows))
 
     for row in range(len(LENGTHS)):
         for stage, ours in enumerate((first, second, after_commit)):
@@ -58,6 +58,6 @@ def test_single_row_context_is_the_plain_cache(model):
     cache = model.make_cache()
     model.encode(mx.array(rng.integers(0, 100, (1, 9))), cache)
     canvas = mx.array(rng.integers(0, 100, (1, model.args.canvas_length)))
-    context = BatchedContext([cache])
-    assert all(v is None for v in context.valid)
-    np.testing.assert_array_equal(np.array(model.denoise(canvas, context)), np.array(model.denoise(canvas, cache)))
+    caches = BatchedCache([cache])
+    assert all(v is None for v in caches.valid)
+    np.testing.assert_array_equal(np.array(model.denoise(canvas, caches)), np.array(model.denoise(canvas, cache)))
