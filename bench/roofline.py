@@ -2,7 +2,7 @@
 and a block commit, and the crossover step count s* below which block
 diffusion decodes faster than autoregression.
 
-Costs follow ../shared/research/performance.md §4: a step's time is bounded by
+Costs: a step's time is bounded by
 ``max(bytes / bandwidth, flops / throughput)``; an AR token reads the active
 weights and the KV cache once; a denoising step reads the non-expert weights,
 every expert its 256 canvas rows route to, the embedding twice (LM head and

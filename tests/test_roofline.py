@@ -1,5 +1,4 @@
-"""Roofline arithmetic for the real 26B-A4B shape, against values worked out by hand
-(../shared/research/performance.md §2 and §4)."""
+"""Roofline arithmetic for the real 26B-A4B shape, against values worked out by hand."""
 
 import pytest
 
