@@ -255,7 +255,7 @@ def test_errors(checkpoint, tmp_path, monkeypatch, args, code, message):
     def never(*a, **k):
         raise AssertionError("the weights were read")
 
-    monkeypatch.setattr(commands, "load_model", never)
+    monkeypatch.setattr(commands.Checkpoint, "load", never)  # the one place weights are read
     args = [a(tmp_path) if callable(a) else a for a in args]
     model = [] if "--model" in args else ["--model", checkpoint]
     prompt = [] if "--prompt-file" in args else ["x" * 22]
@@ -274,7 +274,7 @@ def test_a_batch_that_cannot_fit_fails_before_the_weights_are_read(checkpoint, t
     args = ["generate", "--prompts-file", tmp_path / "prompts.txt", "--model", checkpoint, "-m", MAX_TOKENS]
     tight = next(limit for limit in range(1 << 16, 1 << 30, 1 << 14)
                  if mlxdg(*args, "--memory-limit", limit, "--max-batch", 1).exit_code == 0)
-    monkeypatch.setattr(commands, "load_model", never)
+    monkeypatch.setattr(commands.Checkpoint, "load", never)  # the one place weights are read
     result = mlxdg(*args, "--memory-limit", tight, "--max-batch", 3)
     assert result.exit_code == 1 and "3 x " in result.stderr and "is available" in result.stderr
 
