@@ -1,6 +1,8 @@
 """`mlxdg bench --task sudoku`: how well a Sudoku checkpoint solves fresh puzzles,
 by block diffusion with its own sampler and by autoregressive decoding of the
-same weights (the encoder, which training also fits as a causal LM).
+same weights (the encoder, which training also fits as a causal LM). With
+``fast``, the diffusion fast path (``exact=False``) solves the same puzzles
+with the same seeds beside the exact one: the fast path's quality guard.
 
 Every puzzle is solved on its own (batch 1, the puzzle's own seed), so its
 seconds are the latency a user sees and its answer does not depend on the
@@ -20,9 +22,11 @@ from mlx_lm.generate import generate_step
 
 from mlx_diffgemma.bench.engines import EncoderLM
 from mlx_diffgemma.generate import Block, stream_blocks
+from mlx_diffgemma.sampler import DEFAULT_SELF_CONDITIONING_TOP_K
 from mlx_diffgemma.sudoku.puzzles import CELLS, Puzzle, conflicts, format_grid, is_solution, puzzles, read_answer
 
 SCHEMA = "mlxdg-bench-sudoku/1"
+FAST = "diffusion (fast)"
 # Held out: training data sets are written from small seeds (see the README's recipe).
 DEFAULT_SEED = 1_000_003
 DEFAULT_GIVENS = (45, 50)
@@ -36,6 +40,8 @@ class SudokuOptions:
     seed: int = DEFAULT_SEED
     autoregressive: bool = True
     cpu_dequantize: str = "auto"
+    fast: bool = False  # also the diffusion fast path, beside the exact one
+    sc_top_k: int = DEFAULT_SELF_CONDITIONING_TOP_K  # the fast path's self-conditioning tokens
 
 
 def score(puzzle: Puzzle, text: str) -> dict:
@@ -51,10 +57,11 @@ def score(puzzle: Puzzle, text: str) -> dict:
     }
 
 
-def solve_diffusion(model, tokenizer, prompt: List[int], seed: int) -> dict:
+def solve_diffusion(model, tokenizer, prompt: List[int], seed: int, **path) -> dict:
+    """``path``: ``exact``/``top_k`` of ``stream_blocks`` (the exact path by default)."""
     steps, text = [], ""
     start = time.perf_counter()
-    for event in stream_blocks(model, tokenizer, prompt, seed=seed):
+    for event in stream_blocks(model, tokenizer, prompt, seed=seed, **path):
         if isinstance(event, Block):
             steps.append(int(event.steps[0]))
             text += event.texts[0]
@@ -103,6 +110,9 @@ def run(opts: SudokuOptions, progress: Callable[[str], None] = lambda line: None
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": format_grid(p.puzzle)}],
                                              add_generation_prompt=True) for p in items]
     engines = {"diffusion": lambda i: solve_diffusion(model, tokenizer, prompts[i], opts.seed + i)}
+    if opts.fast:
+        engines[FAST] = lambda i: solve_diffusion(model, tokenizer, prompts[i], opts.seed + i, exact=False,
+                                                  top_k=opts.sc_top_k)
     if opts.autoregressive:
         lm = EncoderLM(model)
         engines["autoregressive"] = lambda i: solve_autoregressive(lm, eos, prompts[i], sampler.max_new_tokens,
@@ -127,6 +137,8 @@ def run(opts: SudokuOptions, progress: Callable[[str], None] = lambda line: None
         "options": {**asdict(opts), "givens": list(opts.givens)},
         "sampler": {k: v for k, v in asdict(sampler).items()},
         "max_denoising_steps": sampler.max_denoising_steps,
+        # K >= vocab: the fast path's self-conditioning is the exact one's, only its proposals are drawn otherwise.
+        "vocab_size": model.args.vocab_size,
         "engines": results,
     }
 
@@ -146,9 +158,16 @@ def print_report(result: dict, console) -> None:
         table.add_row(name, f"{s['solve_rate']:.1%} ({s['solved']})", f"{s['blank_cell_accuracy']:.1%}", steps,
                       f"{s['seconds_per_puzzle']:.3f}")
     console.print(table)
-    distribution = result["engines"]["diffusion"]["summary"].get("steps_per_block_distribution", {})
-    if distribution:
-        console.print("diffusion steps per block: " + ", ".join(f"{k}: {v}" for k, v in distribution.items()))
+    for name, engine in result["engines"].items():
+        distribution = engine["summary"].get("steps_per_block_distribution", {})
+        if distribution:
+            console.print(f"{name} steps per block: " + ", ".join(f"{k}: {v}" for k, v in distribution.items()))
+    if FAST in result["engines"]:
+        exact, fast = (result["engines"][n]["summary"] for n in ("diffusion", FAST))
+        console.print(f"fast path against the exact one: solved {100 * (fast['solve_rate'] - exact['solve_rate']):+.1f} "
+                      f"points, blank cells {100 * (fast['blank_cell_accuracy'] - exact['blank_cell_accuracy']):+.1f} "
+                      f"points, steps per block {fast['steps_per_block_mean'] - exact['steps_per_block_mean']:+.2f}, "
+                      f"s/puzzle x{fast['seconds_per_puzzle'] / exact['seconds_per_puzzle']:.2f}")
 
 
 def write_json(result: dict, path: str) -> None:
@@ -175,8 +194,12 @@ def write_plot(result: dict, path: str) -> str:
     left.set_ylabel("%")
     left.set_ylim(0, 100)
     left.legend()
-    distribution = engines["diffusion"]["summary"].get("steps_per_block_distribution", {})
-    right.bar([int(k) for k in distribution], list(distribution.values()))
+    diffusion = [n for n in names if "steps_per_block_distribution" in engines[n]["summary"]]
+    width = 0.8 / len(diffusion)
+    for i, name in enumerate(diffusion):
+        distribution = engines[name]["summary"]["steps_per_block_distribution"]
+        right.bar([int(k) + (i - (len(diffusion) - 1) / 2) * width for k in distribution], list(distribution.values()),
+                  width, label=name)
     right.axvline(result["max_denoising_steps"], color="gray", linestyle=":", label="step cap")
     right.set_xlabel("denoising steps in the block")
     right.set_ylabel("puzzles")

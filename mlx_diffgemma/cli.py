@@ -185,6 +185,10 @@ def bench(
                              "autoregressive decoding side by side."),
     puzzles: int = typer.Option(200, "--puzzles", min=1, help="With --task sudoku: how many puzzles."),
     givens: str = typer.Option("45-50", "--givens", help="With --task sudoku: givens per puzzle, a range."),
+    fast: bool = typer.Option(False, "--fast", help="With --task sudoku: also solve the puzzles by the diffusion fast "
+                              "path, same seeds, beside the exact one (the fast path's quality guard)."),
+    sc_top_k: int = typer.Option(None, "--sc-top-k", min=1, help="With --task sudoku --fast: tokens a position whose "
+                                 "probabilities feed self-conditioning (default 32; at least the vocabulary: all)."),
     vs: str = typer.Option(None, "--vs", help="mlx-vlm: also time mlx-vlm's engine step and ours (exact and fast) "
                            "on the same weights, interleaved (needs mlx-vlm installed)."),
 ):
@@ -200,8 +204,12 @@ def bench(
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint="--givens") from None
         options = SudokuOptions(model or "sudoku", puzzles, given_range, DEFAULT_SEED if seed is None else seed,
-                                cpu_dequantize=cpu_dequantize.value)
+                                cpu_dequantize=cpu_dequantize.value, fast=fast,
+                                **({} if sc_top_k is None else {"sc_top_k": sc_top_k}))
         raise typer.Exit(sudoku_main(options, json_path, plot))
+    if fast or sc_top_k is not None:
+        raise typer.BadParameter("only with --task sudoku; --vs mlx-vlm times the fast path against the exact one",
+                                 param_hint="--fast/--sc-top-k")
     seed = 0 if seed is None else seed
     from .bench.run import BenchError, Options, main as bench_main, parse_batches, parse_steps
 
