@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mlx_diffgemma.bench.synthetic import build_diffusion_model, synthetic_args
+from mlx_diffgemma.cpu import on_cpu
 from mlx_diffgemma.engine import Denoiser, Row
 from mlx_diffgemma.sampler import DEFAULT_SELF_CONDITIONING_TOP_K, MLXNoise, SamplerConfig, one_pass, temperatures
 
@@ -41,6 +42,9 @@ SHAPES = {
                      moe_intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                      global_head_dim=128, canvas_length=64),
 }
+
+
+BASE = "ours: forward, no self-conditioning"
 
 
 def mlx_vlm_model(ours):
@@ -59,6 +63,7 @@ def mlx_vlm_model(ours):
     if quantized:
         nn.quantize(theirs, class_predicate=lambda path, module: quantized.get(path, False))
     theirs.load_weights(tree_flatten(ours.parameters()))
+    mx.clear_cache()  # its own random init, now replaced by our arrays, would stay in MLX's buffer cache
     return theirs
 
 
@@ -110,7 +115,8 @@ def ungrouped(fn: Callable[[], None]) -> Callable[[], None]:
     return run
 
 
-def measurements(model, theirs, prompt_tokens: int, top_k: int, seed: int) -> Dict[str, Callable[[], None]]:
+def measurements(model, theirs, prompt_tokens: int, top_k: int, seed: int, gathermm: bool = False
+                 ) -> Dict[str, Callable[[], None]]:
     args = model.args
     L, V = args.canvas_length, args.vocab_size
     config = SamplerConfig()
@@ -131,20 +137,27 @@ def measurements(model, theirs, prompt_tokens: int, top_k: int, seed: int) -> Di
     mx.eval(previous, exact_soft, fast_soft, history)
     t = float(schedule[1])
 
+    def forward(soft=None):
+        # As the engine computes it: on the CPU the softcap by NumPy (Model.host_logits).
+        hidden = model.hidden_states(canvas, cache, soft)
+        return model.host_logits(hidden) if on_cpu() else mx.eval(model.logits(hidden))
+
     def step(soft, **path):
         denoiser = Denoiser(model, config, noise, **path)
         return lambda: denoiser.step(cache, canvas, soft, history, [Row(0)], step=2, temperature=t)
 
     out = {
-        "ours: forward, no self-conditioning": lambda: mx.eval(model.logits(model.hidden_states(canvas, cache))),
-        "ours: forward with self-conditioning": lambda: mx.eval(model.denoise(canvas, cache, previous)),
+        "ours: forward, no self-conditioning": forward,
+        "ours: forward with self-conditioning": lambda: forward(model.soft_embeddings(previous)),
         "ours: engine step, exact": step(exact_soft),
         f"ours: engine step, fast (top-{top_k})": step(fast_soft, exact=False, top_k=top_k),
         "ours: commit (encode one block)": lambda: model.encode(block, commits),
     }
-    if mx.default_device() == mx.cpu:  # what grouping the experts by expert saves there
-        out["ours: forward, no self-conditioning, GatherMM experts"] = ungrouped(
-            lambda: mx.eval(model.logits(model.hidden_states(canvas, cache))))
+    if on_cpu():  # what the NumPy softcap saves there
+        out["ours: forward, no self-conditioning, MLX softcap"] = \
+            lambda: mx.eval(model.logits(model.hidden_states(canvas, cache)))
+    if on_cpu() and gathermm:  # what grouping the experts by expert saves there
+        out["ours: forward, no self-conditioning, GatherMM experts"] = ungrouped(forward)
         out["ours: commit, GatherMM experts"] = ungrouped(lambda: model.encode(block, commits))
     if theirs is None:
         return out
@@ -197,13 +210,14 @@ def run_rounds(work: Dict[str, Callable[[], None]], rounds: int, progress=lambda
             fn()
             if r:
                 times[name].append(time.perf_counter() - start)
+                progress(f"  {name}: {times[name][-1]:.3f} s")  # each figure as it comes, for a run cut short
             mx.clear_cache()
         progress(f"round {r}/{rounds} done" + (" (warm-up)" if r == 0 else ""))
     return times
 
 
 def report(shape: str, args, times: Dict[str, List[float]], console: Console) -> None:
-    base = statistics.median(times["ours: forward, no self-conditioning"])
+    base = statistics.median(times[BASE])
     vlm = times.get("mlx-vlm: engine step")
     table = Table(title=f"{shape}: hidden {args.hidden_size}, {args.num_hidden_layers} layers, vocab "
                         f"{args.vocab_size}, canvas {args.canvas_length}, float32, {mx.default_device()}; medians "
@@ -227,6 +241,10 @@ def main(argv=None):
     parser.add_argument("--short-answer", type=int, metavar="TOKENS",
                         help="also time a whole answer of this many tokens, full canvas against --canvas auto")
     parser.add_argument("--short-answer-steps", type=int, default=8)
+    parser.add_argument("--gathermm", action="store_true",
+                        help="also time the forward and commit with the CPU's expert grouping off")
+    parser.add_argument("--only", help="comma-separated: time only the rows whose names contain one of these "
+                        "(our bare forward, every ratio's base, always)")
     parser.add_argument("--json", help="also write the per-round seconds here")
     opts = parser.parse_args(argv)
     console = Console(width=150)
@@ -236,9 +254,12 @@ def main(argv=None):
     theirs = mlx_vlm_model(model)
     if theirs is None:
         console.print("[dim]mlx-vlm is not installed: our rows only[/dim]")
-    work = measurements(model, theirs, opts.prompt_tokens, opts.top_k, opts.seed)
+    work = measurements(model, theirs, opts.prompt_tokens, opts.top_k, opts.seed, opts.gathermm)
     if opts.short_answer:
         work.update(short_answers(model, opts.prompt_tokens, opts.short_answer, opts.short_answer_steps, opts.seed))
+    if opts.only:
+        wanted = [w.strip() for w in opts.only.split(",")]
+        work = {name: fn for name, fn in work.items() if name == BASE or any(w in name for w in wanted)}
     times = run_rounds(work, opts.rounds, lambda line: console.print(f"[dim]{line}[/dim]"))
     report(opts.shape, args, times, console)
     if opts.json:

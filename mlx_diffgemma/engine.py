@@ -31,6 +31,7 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import BatchedCache
+from .cpu import on_cpu
 from .sampler import (DEFAULT_SELF_CONDITIONING_TOP_K, NoiseSource, SamplerConfig, decide, empty_history, one_pass,
                       temper, temperatures)
 
@@ -341,7 +342,7 @@ class Denoiser:
         """The sampler's part of a step for some rows, from their hidden
         states; their logits are freed when it returns."""
         config, L = self.config, hidden.shape[1]
-        processed, entropy, argmax = temper(self.model.logits(hidden), mx.array(temperature))
+        processed, entropy, argmax = temper(self._logits(hidden, host=False), mx.array(temperature))
         proposal = self._draw(rows, step=step, length=L, logits=processed)
         renoise = self._draw(rows, step=step, length=L)
         canvas, accepted, stop, history = decide(
@@ -361,24 +362,41 @@ class Denoiser:
         """``_sample`` on the fast path: one pass over the logits, the next
         step's self-conditioning from the top ``top_k`` tokens, one evaluation."""
         config, L = self.config, hidden.shape[1]
-        logits = self.model.logits(hidden)
+        logits = self._logits(hidden, host=True)
+        # The top K of the whole vocabulary (a small one, e.g. the Sudoku model's 23) is the
+        # reference's self-conditioning: computed as the reference computes it, so it is its bits.
+        whole = self.top_k >= self.model.args.vocab_size
+        top_k = 0 if whole or last else self.top_k
         if all(hasattr(self._source(r), "uniform") for r in rows):
-            drawn = one_pass(logits, temperature, self._draw(rows, step=step, length=L, uniform=True), self.top_k,
+            drawn = one_pass(logits, temperature, self._draw(rows, step=step, length=L, uniform=True), top_k,
                              self.model.dtype)
             proposal = drawn.proposal
         else:  # a source of the reference's draws only: its proposals from the processed logits
-            drawn = one_pass(logits, temperature, mx.zeros((len(rows), L)), self.top_k, self.model.dtype)
-            proposal = self._draw(rows, step=step, length=L, logits=logits / temperature)
+            drawn = one_pass(logits, temperature, mx.zeros((len(rows), L)), top_k, self.model.dtype)
+            proposal = self._draw(rows, step=step, length=L, logits=mx.array(logits) / temperature)
         renoise = self._draw(rows, step=step, length=L)
         canvas, accepted, stop, history = decide(
             drawn.entropy, drawn.argmax, proposal.astype(renoise.dtype), renoise, history,
             mx.array(config.entropy_bound, dtype=mx.float32), mx.array(config.confidence_threshold, dtype=mx.float32))
-        soft = None if last else self.model.top_k_soft_embeddings(drawn.top_ids, drawn.top_weights)
+        if last:
+            soft = None
+        elif whole:
+            soft = self.model.soft_embeddings(mx.array(logits) / mx.array(temperature))
+        else:
+            soft = self.model.top_k_soft_embeddings(drawn.top_ids, drawn.top_weights)
         mx.eval(canvas, drawn.argmax, accepted, stop, history, soft)
         stop = np.array(stop)
         if soft is not None and stop.any():
             soft = None if stop.all() else soft[mx.array(np.flatnonzero(~stop))]
         return Step(canvas, drawn.argmax, accepted, stop, history, soft)
+
+    def _logits(self, hidden: mx.array, *, host: bool) -> Union[mx.array, np.ndarray]:
+        """The step's logits; on the CPU softcapped by NumPy (``Model.host_logits``),
+        and with ``host`` left there, for ``one_pass``'s NumPy path."""
+        if not on_cpu():
+            return self.model.logits(hidden)
+        logits = self.model.host_logits(hidden)
+        return logits if host else mx.array(logits)
 
     def _draw(self, rows: Sequence[Row], *, step: int, length: int, logits: Optional[mx.array] = None,
               uniform: bool = False) -> mx.array:

@@ -90,13 +90,16 @@ def test_logits_are_computed_a_few_rows_at_a_time_when_they_do_not_fit(model_and
     limit = memory.peak(len(batch), 2) + memory.logits_per_canvas // 2
 
     seen = []
-    logits = model.logits
-    model.logits = lambda hidden: seen.append(hidden.shape[0]) or logits(hidden)
+    # The vocabulary projection: host_logits on the CPU, logits elsewhere.
+    projections = {name: getattr(model, name) for name in ("logits", "host_logits")}
+    for name, projection in projections.items():
+        setattr(model, name, lambda hidden, projection=projection: seen.append(hidden.shape[0]) or projection(hidden))
     try:
         batched = batch_generate(model, tokenizer, batch, noise=PromptNoise(range(len(batch))), eos_token_id=eos,
                            memory_limit=limit, **OPTIONS)
     finally:
-        del model.logits
+        for name in projections:
+            delattr(model, name)
     assert max(seen) == 2 and seen[:3] == [2, 2, 1], "all five canvases, their logits two at a time"
     assert_rows_match(batched, singles)
 

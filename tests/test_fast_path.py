@@ -10,6 +10,14 @@ from mlx_diffgemma.bench.synthetic import build_diffusion_model, synthetic_args
 from mlx_diffgemma.sampler import MLXNoise, one_pass, temper, vocabulary_chunk
 
 
+# one_pass's two implementations: MLX's (Metal, CUDA) and NumPy's (the CPU backend's default).
+BOTH_PATHS = pytest.mark.parametrize("host", [False, True], ids=["mlx", "numpy"])
+
+
+def host_one_pass(host):
+    return lambda *args, **kwargs: one_pass(*args, host=host, **kwargs)
+
+
 def logits(shape, scale=4.0, seed=0):
     return mx.array(np.random.default_rng(seed).normal(size=shape).astype(np.float32) * scale)
 
@@ -23,18 +31,20 @@ def test_vocabulary_chunk_divides_the_vocabulary():
 
 @pytest.mark.parametrize("vocab", [512, 1000, 7])
 @pytest.mark.parametrize("temperature", [0.4, 0.8, 1.3])
-def test_entropy_and_argmax_are_the_reference_paths(vocab, temperature):
+@BOTH_PATHS
+def test_entropy_and_argmax_are_the_reference_paths(vocab, temperature, host):
     x = logits((2, 16, vocab))
     processed, entropy, argmax = temper(x, mx.array(temperature))
-    fast = one_pass(x, temperature, mx.zeros((2, 16)), top_k=4)
+    fast = host_one_pass(host)(x, temperature, mx.zeros((2, 16)), top_k=4)
     np.testing.assert_allclose(np.array(fast.entropy), np.array(entropy), atol=1e-5)
     assert np.array_equal(np.array(fast.argmax), np.array(argmax))
 
 
-def test_proposal_is_the_inverse_cdf_of_its_uniform():
+@BOTH_PATHS
+def test_proposal_is_the_inverse_cdf_of_its_uniform(host):
     x = logits((3, 64, 1000), scale=3.0, seed=1)
     u = mx.array(np.random.default_rng(2).random((3, 64)).astype(np.float32))
-    fast = one_pass(x, 0.6, u)
+    fast = host_one_pass(host)(x, 0.6, u)
     probs = np.exp(np.array(x, dtype=np.float64) / 0.6)
     cdf = np.cumsum(probs, axis=-1)
     cdf /= cdf[..., -1:]
@@ -42,29 +52,32 @@ def test_proposal_is_the_inverse_cdf_of_its_uniform():
     assert np.array_equal(np.array(fast.proposal), expected)
 
 
-def test_proposal_never_picks_an_impossible_token():
+@BOTH_PATHS
+def test_proposal_never_picks_an_impossible_token(host):
     x = np.zeros((1, 4, 64), dtype=np.float32)
     x[..., :5] = -1e30  # probability 0 in float32
     u = mx.array([[0.0, 1e-9, 0.5, 0.9999999]])
-    proposal = np.array(one_pass(mx.array(x), 1.0, u).proposal)[0]
+    proposal = np.array(host_one_pass(host)(mx.array(x), 1.0, u).proposal)[0]
     assert proposal.min() >= 5 and proposal.max() < 64 and proposal[0] == 5
 
 
-def test_proposals_follow_the_tempered_distribution():
+@BOTH_PATHS
+def test_proposals_follow_the_tempered_distribution(host):
     V, n = 12, 20000
     base = np.random.default_rng(3).normal(size=V).astype(np.float32) * 2
     x = mx.array(np.broadcast_to(base, (1, n, V)).copy())
     u = MLXNoise(seed=4).uniform(range(1), n, block=0, step=1)
-    counts = np.bincount(np.array(one_pass(x, 0.7, u).proposal)[0], minlength=V)
+    counts = np.bincount(np.array(host_one_pass(host)(x, 0.7, u).proposal)[0], minlength=V)
     p = np.exp(base / 0.7)
     p /= p.sum()
     sigma = np.sqrt(n * p * (1 - p))
     assert np.all(np.abs(counts - n * p) < 5 * sigma + 1)
 
 
-def test_top_k_are_the_largest_with_their_renormalised_probabilities():
+@BOTH_PATHS
+def test_top_k_are_the_largest_with_their_renormalised_probabilities(host):
     x = logits((2, 8, 4096), seed=5)
-    fast = one_pass(x, 0.5, mx.zeros((2, 8)), top_k=32, dtype=mx.bfloat16)
+    fast = host_one_pass(host)(x, 0.5, mx.zeros((2, 8)), top_k=32, dtype=mx.bfloat16)
     ids = np.sort(np.array(fast.top_ids), axis=-1)
     assert np.array_equal(ids, np.sort(np.argsort(-np.array(x), axis=-1)[..., :32], axis=-1))
     # The reference rounds the processed logits to the embedding dtype before its float32 softmax.
@@ -74,8 +87,9 @@ def test_top_k_are_the_largest_with_their_renormalised_probabilities():
     np.testing.assert_allclose(np.array(fast.top_weights), expected / expected.sum(-1, keepdims=True), atol=1e-6)
 
 
-def test_top_k_larger_than_the_vocabulary_takes_all_of_it():
-    fast = one_pass(logits((1, 2, 20)), 1.0, mx.zeros((1, 2)), top_k=64)
+@BOTH_PATHS
+def test_top_k_larger_than_the_vocabulary_takes_all_of_it(host):
+    fast = host_one_pass(host)(logits((1, 2, 20)), 1.0, mx.zeros((1, 2)), top_k=64)
     assert fast.top_ids.shape == (1, 2, 20)
     assert np.array_equal(np.sort(np.array(fast.top_ids), axis=-1)[0, 0], np.arange(20))
 
@@ -92,6 +106,44 @@ def test_top_k_soft_embeddings_over_the_whole_vocabulary_are_the_reference_ones(
     reference = tiny_model.soft_embeddings(x / 0.8)
     got = tiny_model.top_k_soft_embeddings(fast.top_ids, fast.top_weights)
     np.testing.assert_allclose(np.array(got), np.array(reference), atol=1e-5)
+
+
+def test_top_k_of_the_whole_vocabulary_is_the_reference_self_conditioning_bit_for_bit(tiny_model):
+    """K >= vocab (the Sudoku model has 23 tokens, the default K is 32): the fast step's
+    self-conditioning is the exact step's, bit for bit; a K below the vocabulary is not."""
+    from mlx_diffgemma.cache import BatchedCache
+    from mlx_diffgemma.engine import Denoiser, Row
+    from mlx_diffgemma.sampler import SamplerConfig, empty_history, temperatures
+
+    V, L = tiny_model.args.vocab_size, tiny_model.args.canvas_length
+    config = SamplerConfig()
+    cache = tiny_model.make_cache()
+    tiny_model.encode(mx.array([[1, 2, 3, 4, 5]]), cache)
+    canvas = mx.random.randint(0, V, (1, L), key=mx.random.key(3))
+
+    def soft(exact, top_k):
+        denoiser = Denoiser(tiny_model, config, MLXNoise(0), exact=exact, top_k=top_k)
+        out = denoiser.step(BatchedCache([cache]), canvas, None, empty_history(config, 1, L), [Row(0)], step=1,
+                            temperature=temperatures(config)[0])
+        return np.array(out.soft_embeddings)
+
+    reference = soft(True, V)
+    assert np.array_equal(soft(False, V), reference) and np.array_equal(soft(False, V + 9), reference)
+    assert not np.array_equal(soft(False, 2), reference)
+
+
+@BOTH_PATHS
+def test_one_pass_without_top_k_leaves_it_out(host):
+    fast = host_one_pass(host)(logits((1, 3, 64)), 0.7, mx.zeros((1, 3)), top_k=0)
+    assert fast.top_ids is None and fast.top_weights is None and fast.argmax.shape == (1, 3)
+
+
+def test_host_logits_are_the_logits(tiny_model):
+    assert tiny_model.args.final_logit_softcapping  # the softcap is what the host computes
+    hidden = mx.random.normal((2, 8, tiny_model.args.hidden_size), key=mx.random.key(8)) * 30
+    host = tiny_model.host_logits(hidden)
+    assert isinstance(host, np.ndarray) and host.dtype == np.float32
+    np.testing.assert_allclose(host, np.array(tiny_model.logits(hidden)), rtol=1e-6, atol=1e-5)
 
 
 def test_a_few_tokens_carry_a_peaked_distribution(tiny_model):

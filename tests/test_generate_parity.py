@@ -271,19 +271,24 @@ def batch_sizes(model):
     """Records the batch size of every call of the decoder's body, its
     vocabulary projection and the encoder."""
     seen = {"denoise": [], "logits": [], "encode": []}
-    originals = {"denoise": model.hidden_states, "logits": model.logits, "encode": model.encode}
+    # On the CPU the engine projects onto the vocabulary by host_logits, elsewhere by logits.
+    methods = {"hidden_states": "denoise", "logits": "logits", "host_logits": "logits", "encode": "encode"}
 
-    def counted(name):
+    def counted(method):
+        original = getattr(model, method)
+
         def call(first, *args, **kwargs):
-            seen[name].append(first.shape[0])
-            return originals[name](first, *args, **kwargs)
+            seen[methods[method]].append(first.shape[0])
+            return original(first, *args, **kwargs)
         return call
 
-    model.hidden_states, model.logits, model.encode = counted("denoise"), counted("logits"), counted("encode")
+    for method in methods:
+        setattr(model, method, counted(method))
     try:
         yield seen
     finally:
-        del model.hidden_states, model.logits, model.encode
+        for method in methods:
+            delattr(model, method)
 
 
 def test_finished_rows_leave_the_computation(checkpoints):
@@ -373,6 +378,9 @@ class ScriptedModel:
 
     def logits(self, hidden_states):
         return mx.array(np.eye(self.args.vocab_size, dtype=np.float32)[np.array(hidden_states)] * 50)
+
+    def host_logits(self, hidden_states):
+        return np.array(self.logits(hidden_states))
 
     def soft_embeddings(self, processed_logits):
         return processed_logits
