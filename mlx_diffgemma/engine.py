@@ -192,7 +192,8 @@ class Denoiser:
     transformers' ``generate`` gives with the same draws. ``exact=False`` is
     the fast path: ``sampler.one_pass`` over the logits, the next step's
     self-conditioning from the ``top_k`` most likely tokens of each position
-    instead of the whole vocabulary, and one evaluation per step; its
+    instead of the whole vocabulary, and one evaluation per step (two on
+    the CPU, where the logits go through NumPy: ``Model.host_logits``); its
     proposals come from the noise source's ``uniform`` draws.
     ``auto_canvas`` denoises a shorter canvas (``canvas_for``) when fewer
     tokens than a canvas remain under every row's ``max_new_tokens``: a
@@ -316,7 +317,8 @@ class Denoiser:
         (tempering, entropy, sampling, the next step's self-conditioning)
         exist for ``logits_rows`` rows at a time. ``last`` skips the
         self-conditioning that no step would read. On the fast path, with the
-        logits of every row at once, the whole step is one graph, evaluated once."""
+        logits of every row at once, the whole step is one graph, evaluated once
+        (on the CPU the logits are evaluated first, for NumPy)."""
         hidden = self.model.hidden_states(canvas, caches, soft_embeddings)
         size = self.logits_rows or len(rows)
         if self.exact or size < len(rows):
@@ -360,7 +362,8 @@ class Denoiser:
     def _sample_fast(self, hidden: mx.array, history: mx.array, rows: Sequence[Row], *, step: int,
                      temperature: float, last: bool) -> Step:
         """``_sample`` on the fast path: one pass over the logits, the next
-        step's self-conditioning from the top ``top_k`` tokens, one evaluation."""
+        step's self-conditioning from the top ``top_k`` tokens, one evaluation
+        (after the logits' on the CPU)."""
         config, L = self.config, hidden.shape[1]
         logits = self._logits(hidden, host=True)
         # The top K of the whole vocabulary (a small one, e.g. the Sudoku model's 23) is the
