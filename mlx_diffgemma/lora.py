@@ -151,7 +151,7 @@ def run(options: dict) -> None:
     from .loader import load_model, read_config, resolve_model_path
     from .cpu import on_cpu
     from .memory import checkpoint_weight_bytes, device_budget, parameter_count
-    from .model import ModelArgs
+    from .model import ModelArgs, grouped_experts
     from .tuner import datasets, trainer
     from .tuner.adapters import load_adapters, num_lora_layers, prepare
     from .tuner.losses import Objective
@@ -186,7 +186,9 @@ def run(options: dict) -> None:
                          num_layers=o["num_layers"], rank=o["lora_parameters"].get("rank", 8),
                          batch_size=o["batch_size"], canvases=canvases, context=longest,
                          grad_checkpoint=o["grad_checkpoint"], optimizer=o["optimizer"],
-                         budget=device_budget(o["memory_limit"]))
+                         host_routing=grouped_experts(args.hidden_size, 2 * args.moe_intermediate_size)
+                         and ("quantization" not in config or o["cpu_dequantize"] != "never"),
+                         self_conditioning=o["self_conditioning_p"] > 0, budget=device_budget(o["memory_limit"]))
     plan.require()
 
     np.random.seed(o["seed"])

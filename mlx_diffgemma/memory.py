@@ -258,15 +258,32 @@ def positions_needed(prompt_tokens: int, max_new_tokens: int, canvas_length: int
     return kv_tokens_at_last_block([prompt_tokens], max_new_tokens, canvas_length) + canvas_length
 
 
-# Training (``mlxdg lora``). Measured constants: live float32 [tokens, vocab]
-# buffers per position whose logits are scored (the logits, the softmax of the
-# cross-entropy and its gradient), and the activations a layer keeps for the
-# backward pass per token, in hidden-size units besides its attention
-# probabilities and MLP widths. Calibrated with mx.get_peak_memory() on the
-# "small" synthetic shape with and without --grad-checkpoint (bench/train_step.py
-# forecasts both within 1%); change them when the objective's code path changes.
-TRAIN_LOGIT_BUFFERS = 4.0
+# Training (``mlxdg lora``). Measured constants, from mx.get_peak_memory()
+# after a LoRA step on random weights (bench/train_step.py, with
+# --num-experts, --vocab-size and --experts) in the "small" synthetic shape and
+# in the real 26B-A4B layer shapes with 1, 2 and 4 layers, fewer experts or a
+# smaller vocabulary (tests/test_training_memory.py checks the small shape). A
+# step's peak is the larger of its phases, each a sum of these terms:
+# - float32 [tokens, vocab] buffers per scored position (the logits, the
+#   cross-entropy's softmax and their gradients);
+TRAIN_LOGIT_BUFFERS = 3.4
+# - the activations a layer keeps for the backward pass per token, in
+#   hidden-size units besides its attention probabilities and MLP widths;
 TRAIN_HIDDEN_PER_TOKEN_LAYER = 24
+# - with --grad-checkpoint, what the backward pass of one layer holds, in
+#   units of that layer's activations.
+TRAIN_CHECKPOINT_RECOMPUTE = 1.28
+# Where the experts read their routing on the host (``model.Experts.grouped``:
+# MLX's CPU backend, large experts), MLX keeps every buffer it evaluates inside
+# the gradient transformation, not only what the backward pass needs: per
+# layer below the last, this many times its activations, besides hidden-size
+# vectors per token and float32 [canvas, vocab] buffers per canvas position.
+# The self-conditioning first pass, evaluated there too, adds more of both.
+TRAIN_HOST_ROUTING_LAYER = 1.43
+TRAIN_HOST_ROUTING_PER_TOKEN = 39
+TRAIN_HOST_ROUTING_LOGITS = 1.5
+TRAIN_HOST_ROUTING_FIRST_PASS_PER_TOKEN = 36
+TRAIN_HOST_ROUTING_FIRST_PASS_LOGITS = 4.5
 # Bytes per trainable parameter besides the parameter itself: its gradient and
 # the optimizer's state (Adam keeps two moments), in float32.
 OPTIMIZER_STATE_FLOATS = {"adam": 3, "adamw": 3, "sgd": 2, "adafactor": 2, "muon": 2}
@@ -343,11 +360,15 @@ class TrainingPlan:
 
 def training_plan(args: ModelArgs, weight_bytes: int, *, fine_tune_type: str, num_layers: int, rank: int,
                   batch_size: int, canvases: int, context: int, grad_checkpoint: bool, optimizer: str = "adam",
-                  dtype_bytes: int = 4, budget: Optional[int] = None) -> TrainingPlan:
+                  dtype_bytes: int = 4, host_routing: bool = False, self_conditioning: bool = True,
+                  budget: Optional[int] = None) -> TrainingPlan:
     """The forecast peak of one training step: ``batch_size`` examples of up
     to ``context`` positions (context plus padded canvases), each with up to
     ``canvases`` answer canvases; ``dtype_bytes`` is the activations' (4 on
-    MLX's CPU backend, which computes in float32)."""
+    MLX's CPU backend, which computes in float32); ``host_routing`` whether the
+    experts read their routing on the host (``model.Experts.grouped``), where
+    --grad-checkpoint is not applied (``tuner.losses``); ``self_conditioning``
+    whether some steps are self-conditioned."""
     L = args.canvas_length
     n_canvases = batch_size * canvases
     trainable = trainable_parameters(args, fine_tune_type, num_layers, rank)
@@ -358,13 +379,24 @@ def training_plan(args: ModelArgs, weight_bytes: int, *, fine_tune_type: str, nu
     decoder = layer_activation_bytes(args, n_canvases * L, context + L, dtype_bytes)
     # Only the layers from the lowest trained one up keep activations for the backward pass.
     layers = args.num_hidden_layers if fine_tune_type == "full" or num_layers < 0 else min(num_layers, args.num_hidden_layers)
-    if grad_checkpoint:
+    tokens = batch_size * context + n_canvases * L  # the encoder's and the decoder's
+    if grad_checkpoint and not host_routing:
         # Each layer's input is kept; one layer's activations exist at a time, recomputed.
-        kept = (batch_size * context + n_canvases * L) * args.hidden_size * dtype_bytes * layers
-        activations = kept + encoder + decoder
+        kept = tokens * args.hidden_size * dtype_bytes * layers
+        activations = kept + int(TRAIN_CHECKPOINT_RECOMPUTE * (encoder + decoder))
     else:
         activations = layers * (encoder + decoder)
-    scored = 2 * n_canvases * L  # the canvas positions, and at most as many answer positions for the encoder
-    logits = int(TRAIN_LOGIT_BUFFERS * scored * args.vocab_size * 4)
+    logits = int(TRAIN_LOGIT_BUFFERS * 2 * n_canvases * L * args.vocab_size * 4)  # canvas and answer positions
+    phases = [(activations, logits)]  # the scored logits' backward pass
+    if host_routing:
+        # The forward pass, everything evaluated kept; then the self-conditioning first pass.
+        canvas_logits = n_canvases * L * args.vocab_size * 4
+        kept = int(activations + (layers - 1) * TRAIN_HOST_ROUTING_LAYER * (encoder + decoder)
+                   + TRAIN_HOST_ROUTING_PER_TOKEN * tokens * args.hidden_size * dtype_bytes)
+        phases.append((kept, int(TRAIN_HOST_ROUTING_LOGITS * canvas_logits)))
+        if self_conditioning:
+            phases.append((kept + TRAIN_HOST_ROUTING_FIRST_PASS_PER_TOKEN * tokens * args.hidden_size * dtype_bytes,
+                           int((TRAIN_HOST_ROUTING_LOGITS + TRAIN_HOST_ROUTING_FIRST_PASS_LOGITS) * canvas_logits)))
+    activations, logits = max(phases, key=sum)
     return TrainingPlan(budget=device_budget() if budget is None else budget, weights=weight_bytes,
                         trainable=trainable_bytes, activations=activations, logits=logits)

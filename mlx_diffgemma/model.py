@@ -183,6 +183,12 @@ class GeGLUMLP(nn.Module):
 GROUPED_EXPERT_SIZE = 1 << 20
 
 
+def grouped_experts(hidden_size: int, gate_up_size: int) -> bool:
+    """Whether float experts of this shape run grouped on the current device
+    (``Experts._grouped``): on MLX's CPU backend, when they are large."""
+    return mx.default_device().type == mx.cpu and hidden_size * gate_up_size >= GROUPED_EXPERT_SIZE
+
+
 class Experts(nn.Module):
     """The routed experts, with gate and up projections fused in one tensor
     (rows ``[:width]`` gate, ``[width:]`` up) as the checkpoints store them."""
@@ -201,8 +207,7 @@ class Experts(nn.Module):
             # The CPU backend's GatherMM is float32 only; the loader has stored
             # these weights as float32 there, so only the activations convert.
             x = x.astype(mx.float32)
-        if on_cpu and indices.size >= 64 and isinstance(self.gate_up_proj, SwitchLinear) \
-                and isinstance(self.down_proj, SwitchLinear) and self.gate_up_proj.weight[0].size >= GROUPED_EXPERT_SIZE:
+        if self.grouped and indices.size >= 64:
             y = self._grouped(x, indices)
             if y is not None:
                 return (y * mx.expand_dims(weights, -1).astype(y.dtype)).sum(axis=-2).astype(dtype)
@@ -219,6 +224,11 @@ class Experts(nn.Module):
         y = y.squeeze(-2)
         return (y * mx.expand_dims(weights, -1).astype(y.dtype)).sum(axis=-2).astype(dtype)
 
+    @property
+    def grouped(self) -> bool:
+        """Whether these experts run grouped (``_grouped``), reading the routing on the host."""
+        return (isinstance(self.gate_up_proj, SwitchLinear) and isinstance(self.down_proj, SwitchLinear)
+                and grouped_experts(self.gate_up_proj.input_dims, self.gate_up_proj.output_dims))
 
     def _grouped(self, x: mx.array, indices: mx.array) -> Optional[mx.array]:
         """The experts' outputs [..., top_k, hidden] as one matrix product per expert
@@ -238,12 +248,15 @@ class Experts(nn.Module):
         order = np.argsort(flat, kind="stable")
         counts = np.bincount(flat, minlength=self.gate_up_proj.weight.shape[0])
         rows = x.reshape(-1, dims)[mx.array(order // top_k, dtype=mx.uint32)]
+        gate_up, down = self.gate_up_proj.weight, self.down_proj.weight
         parts, start = [], 0
         for expert in np.flatnonzero(counts).tolist():
             group = rows[start : start + counts[expert]]
             start += counts[expert]
-            gate, up = mx.split(group @ self.gate_up_proj.weight[expert].T, 2, axis=-1)
-            parts.append(geglu(gate, up) @ self.down_proj.weight[expert].T)
+            # A slice is a view; ``weight[expert]`` would gather a copy of the
+            # expert, which autograd keeps until the backward pass.
+            gate, up = mx.split(group @ gate_up[expert : expert + 1].squeeze(0).T, 2, axis=-1)
+            parts.append(geglu(gate, up) @ down[expert : expert + 1].squeeze(0).T)
         y = mx.concatenate(parts)[mx.array(np.argsort(order), dtype=mx.uint32)]
         return y.reshape(*indices.shape, -1)
 
