@@ -465,9 +465,11 @@ def test_generate_json_terminated_writes_what_was_committed(world, tmp_path):
 
 
 def test_broken_pipe_exits_quietly(world, tmp_path):
-    process = start(["generate", "hello", "--model", world.tiny, "-m", 400, "--steps", 4, "--no-live"], tmp_path)
-    assert process.stdout.read(1)
-    process.stdout.close()  # as `| head -c 1` does
+    process = start(["generate", "hello", "--model", world.tiny, "-m", 400, "--steps", 4, "--no-live", "--seed", 1],
+                    tmp_path)
+    # Closed before the first write (the interpreter has not started yet), as `| head -c 0` does: reading a
+    # byte first raced a fast machine, which could write the whole answer before the close.
+    process.stdout.close()
     stderr = process.stderr.read()
     assert process.wait(TIMEOUT) == 128 + signal.SIGPIPE and stderr == ""
 
