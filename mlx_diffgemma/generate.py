@@ -19,7 +19,7 @@ import numpy as np
 
 from .engine import Committed, Denoiser, Draft, Request
 from .memory import generation_plan
-from .sampler import DEFAULT_SELF_CONDITIONING_TOP_K, MLXNoise, NoiseSource, SamplerConfig
+from .sampler import DEFAULT_SELF_CONDITIONING_TOP_K, MLXNoise, NoiseSource, SamplerConfig, constant_temperature
 
 SAMPLER_OPTIONS = tuple(f.name for f in fields(SamplerConfig))
 
@@ -300,11 +300,11 @@ def sampler_options(options: dict) -> dict:
         if options.get("max_new_tokens") is not None:
             raise TypeError("give max_tokens or max_new_tokens, not both")
         options["max_new_tokens"] = max_tokens
-    temp = options.pop("temp", None)
-    if temp is not None:
-        if options.get("t_min") is not None or options.get("t_max") is not None:
-            raise TypeError("temp= sets both t_min and t_max; give temp or those")
-        options["t_min"] = options["t_max"] = temp
+    try:
+        options.update(constant_temperature(options.pop("temp", None), options.get("t_min"), options.get("t_max"),
+                                            name="temp="))
+    except ValueError as e:
+        raise TypeError(str(e)) from None
     unknown = sorted(set(options) - set(SAMPLER_OPTIONS))
     if unknown:
         raise TypeError(f"unexpected options: {'; '.join(map(_hint, unknown))}")

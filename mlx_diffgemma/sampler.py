@@ -83,6 +83,22 @@ class SamplerConfig:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
+def constant_temperature(temperature: Optional[float], t_min: Optional[float] = None,
+                         t_max: Optional[float] = None, *, name: str = "temperature") -> Dict[str, Optional[float]]:
+    """``t_min`` and ``t_max`` as overrides, where ``temperature`` (spelled
+    ``name`` on the surface that took it) is a constant temperature: both ends
+    of the schedule at it. Given beside either end, or not above 0, it is a
+    ValueError."""
+    if temperature is None:
+        return {"t_min": t_min, "t_max": t_max}
+    if t_min is not None or t_max is not None:
+        raise ValueError(f"{name} sets both t_min and t_max; give it or them")
+    if not temperature > 0:
+        raise ValueError(f"{name} must be above 0, got {temperature!r}: each step samples from the tempered logits "
+                         "(the committed block is their argmax already)")
+    return {"t_min": temperature, "t_max": temperature}
+
+
 def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 

@@ -53,11 +53,14 @@ class Settings:
 
     def sampler_overrides(self) -> dict:
         """The sampler settings these options override; ``--temp`` is both temperatures."""
-        if self.temp is not None and (self.t_min is not None or self.t_max is not None):
-            raise typer.BadParameter("--temp sets both temperatures; give it or --t-min/--t-max", param_hint="--temp")
-        t_min, t_max = (self.temp, self.temp) if self.temp is not None else (self.t_min, self.t_max)
+        from .sampler import constant_temperature
+
+        try:
+            temperatures = constant_temperature(self.temp, self.t_min, self.t_max, name="--temp")
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--temp") from None
         return dict(max_new_tokens=self.max_tokens, max_denoising_steps=self.steps,
-                    entropy_bound=self.entropy_bound, t_min=t_min, t_max=t_max)
+                    entropy_bound=self.entropy_bound, **temperatures)
 
 
 def memory_limit_option(value: Optional[str]) -> Optional[str]:

@@ -134,6 +134,8 @@ def test_temp_is_t_min_and_t_max_both(checkpoint):
     assert constant == tokens("--t-min", 0.5, "--t-max", 0.5) and constant != tokens("--temp", 1.5)
     clash = mlxdg("generate", "-p", "hi", "--temp", 0.5, "--t-min", 0.2, "--model", checkpoint)
     assert clash.exit_code == 2 and clash.stderr.startswith("mlxdg: ") and "--temp" in clash.stderr
+    zero = mlxdg("generate", "-p", "hi", "--temp", 0, "--model", checkpoint)
+    assert zero.exit_code == 2 and zero.stderr.count("\n") == 1 and "--temp must be above 0" in zero.stderr, zero.stderr
 
 
 @pytest.mark.parametrize("args, code, message", [

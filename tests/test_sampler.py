@@ -176,3 +176,14 @@ def test_mlx_noise_is_reproducible_per_seed():
 def test_mlx_noise_proposals_follow_the_logits():
     logits = mx.array(np.where(np.arange(10) == 6, 0.0, -1e4)[None, None].repeat(3, axis=1), dtype=mx.float32)
     assert np.array(MLXNoise(0).proposal(logits, [0], block=0, step=1)).tolist() == [[6, 6, 6]]
+
+
+def test_constant_temperature_is_both_ends_of_the_schedule():
+    from mlx_diffgemma.sampler import constant_temperature
+
+    assert constant_temperature(0.7) == {"t_min": 0.7, "t_max": 0.7}
+    assert constant_temperature(None, 0.2, None) == {"t_min": 0.2, "t_max": None}
+    with pytest.raises(ValueError, match="^--temp sets both"):
+        constant_temperature(0.7, None, 0.9, name="--temp")
+    with pytest.raises(ValueError, match="must be above 0"):
+        constant_temperature(0.0)

@@ -15,7 +15,7 @@ from mlx_lm.server import ToolCallFormatter, process_message_content
 from ..generate import CHANNEL_NAME, _AnswerText, _TextMarkers
 from ..memory import positions_needed
 from ..model import ModelArgs
-from ..sampler import SamplerConfig
+from ..sampler import SamplerConfig, constant_temperature
 
 # Our sampler's settings, taken per request as extra body fields.
 SAMPLER_FIELDS = {"max_denoising_steps": int, "entropy_bound": float, "t_min": float, "t_max": float,
@@ -148,14 +148,10 @@ def parse(kind: str, body, served: Served) -> Request:
         raise ApiError(400, "seed must be below 2**64", param="seed")
     seed = secrets.randbits(63) if seed is None else seed
     options = {name: _typed(body, name, kind) for name, kind in SAMPLER_FIELDS.items()}
-    temperature = _typed(body, "temperature", float)
-    if temperature is not None:  # a constant temperature, as `--temp` sets it
-        if options["t_min"] is not None or options["t_max"] is not None:
-            raise ApiError(400, "temperature sets both t_min and t_max; send it or them", param="temperature")
-        if not temperature > 0:
-            raise ApiError(400, f"temperature must be above 0, got {temperature!r}: each step samples from the "
-                                "tempered logits (the committed block is their argmax already)", param="temperature")
-        options["t_min"] = options["t_max"] = temperature
+    try:  # a constant temperature, as `--temp` sets it
+        options.update(constant_temperature(_typed(body, "temperature", float), options["t_min"], options["t_max"]))
+    except ValueError as e:
+        raise ApiError(400, str(e), param="temperature") from None
     if _typed(body, "ignore_eos", bool, False):  # as vLLM has it: every answer runs to max_tokens
         options["eos_token_id"] = ()
     try:
