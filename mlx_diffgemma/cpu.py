@@ -88,13 +88,14 @@ def _summary(quantized: int, half: int, dequantized: int, upcast: int) -> str:
 
 
 def prepare_weights(model: nn.Module, cpu_dequantize: str = "auto", lazy: bool = False,
-                    budget: int = None) -> Dict[str, str]:
+                    budget: int = None, quiet: bool = False) -> Dict[str, str]:
     """Turn matrices into float32 where that makes the current device faster,
     and return what each group is now: ``{"dense": ..., "experts": ...}``.
 
     ``cpu_dequantize`` is for quantized matrices: ``"auto"`` dequantizes them
     on the CPU backend while the model fits in ``budget`` bytes
-    (``memory.device_budget()`` by default) and says so in one line on stderr;
+    (``memory.device_budget()`` by default) and says so in one line on stderr
+    (unless ``quiet``);
     ``"always"`` dequantizes all of them, on any device, whatever the memory;
     ``"never"`` keeps MLX's quantized kernels. bfloat16/float16 matrices
     become float32 on the CPU backend while they fit, whatever the mode.
@@ -130,7 +131,7 @@ def prepare_weights(model: nn.Module, cpu_dequantize: str = "auto", lazy: bool =
         total = grown
         count["dequantized" if quantized else "upcast"] += 1
 
-    if cpu:
+    if cpu and not quiet:
         _say(counts, total, skipped, cpu_dequantize)
     return {group: _summary(**count) for group, count in counts.items()}
 

@@ -80,7 +80,7 @@ def read_config(path: Path) -> Dict[str, Any]:
 
 
 def load_model(path: Path, lazy: bool = False, cpu_dequantize: str = "auto",
-               memory_budget: int = None) -> Tuple[Model, Dict[str, Any]]:
+               memory_budget: int = None, quiet: bool = False) -> Tuple[Model, Dict[str, Any]]:
     """The model and its config from a local checkpoint directory.
 
     ``cpu_dequantize`` (``"auto"``, ``"always"`` or ``"never"``) decides whether
@@ -98,7 +98,7 @@ def load_model(path: Path, lazy: bool = False, cpu_dequantize: str = "auto",
         raise CheckpointError(f"{path}: weights do not match the config: {_one_line(e)}") from None
     except Exception as e:  # corrupt or truncated safetensors surface as RuntimeError/OSError
         raise CheckpointError(f"{path}: cannot read the weights: {first_line(e)}") from None
-    model.weight_paths = prepare_weights(model, cpu_dequantize, lazy=lazy, budget=memory_budget)
+    model.weight_paths = prepare_weights(model, cpu_dequantize, lazy=lazy, budget=memory_budget, quiet=quiet)
     wire_weights(weight_bytes(model))
     # generate() takes its sampler defaults from here, as the reference does from the checkpoint.
     model.generation_config = SamplerConfig.from_checkpoint(path)
@@ -174,6 +174,7 @@ class Checkpoint:
         self.cpu_dequantize, self.memory_limit = cpu_dequantize, memory_limit
         self.sampler = SamplerConfig.from_checkpoint(self.path)
         self._opened = None  # (thread, model): MLX evaluates arrays only on the thread whose stream made them
+        self._told = False  # the CPU backend's line on what it converted, said once however often it opens
 
     def open(self) -> Model:
         """The model with its weights as the loader will hold them (the CPU
@@ -181,7 +182,8 @@ class Checkpoint:
         thread = threading.get_ident()
         if self._opened is None or self._opened[0] != thread:
             model, _ = load_model(self.path, lazy=True, cpu_dequantize=self.cpu_dequantize,
-                                  memory_budget=device_budget(self.memory_limit))
+                                  memory_budget=device_budget(self.memory_limit), quiet=self._told)
+            self._told = True
             if self.adapter_path is not None:
                 from .tuner.adapters import load_adapters
 

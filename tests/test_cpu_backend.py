@@ -173,3 +173,21 @@ def test_cpu_dequantize_option():
     assert runner.invoke(app, []).output.strip() == "auto"
     assert runner.invoke(app, ["--cpu-dequantize", "never"]).output.strip() == "never"
     assert runner.invoke(app, ["--cpu-dequantize", "sometimes"]).exit_code == 2
+
+
+def test_the_conversion_is_said_once_per_checkpoint(make_checkpoint, capfd):
+    """The server forecasts memory on one thread and loads on its engine's (a second open):
+    one line on stderr all the same."""
+    import threading
+
+    from mlx_diffgemma.loader import Checkpoint
+
+    checkpoint = Checkpoint(str(make_checkpoint(dtype="bfloat16")))
+    checkpoint.check_memory([1])
+    loaded = []
+    engine = threading.Thread(target=lambda: loaded.append(checkpoint.load()))
+    engine.start()
+    engine.join()
+    assert loaded[0].weight_paths == {"dense": cpu.UPCAST, "experts": cpu.UPCAST}
+    lines = said(capfd)
+    assert len(lines) == 1 and "half-precision matrices to float32" in lines[0], lines
