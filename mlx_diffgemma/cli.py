@@ -259,8 +259,8 @@ SETTINGS_OPTIONS = {
         "--sc-top-k", min=1, help="With --fast: tokens a position whose probabilities feed self-conditioning "
         "(default 32).")],
     "canvas": Annotated[CanvasChoice, typer.Option(
-        "--canvas", help="full (default): always the model's whole canvas; auto: a quarter or half canvas when "
-        "fewer tokens remain under --max-tokens (a different computation from the reference's).")],
+        "--canvas", help="full (default): always the model's whole canvas; auto: an eighth, quarter or half "
+        "canvas when fewer tokens remain under --max-tokens (a different computation from the reference's).")],
     "adapter_path": Annotated[Optional[str], typer.Option(
         "--adapter-path", help="Apply the adapters (or fully fine-tuned weights) that mlxdg lora wrote here.")],
     "debug": Annotated[bool, typer.Option("--debug", help="Show tracebacks.")],

@@ -166,11 +166,11 @@ class Step:
 
 
 def canvas_sizes(canvas_length: int) -> Tuple[int, ...]:
-    """The canvas lengths ``auto_canvas`` denoises: a quarter of the model's
-    canvas doubled up to it (64, 128, 256 for the real model), so that few
-    shapes are ever compiled and a block always has a quarter canvas of
-    positions to settle in."""
-    size, sizes = max(1, canvas_length // 4), []
+    """The canvas lengths ``auto_canvas`` denoises: an eighth of the model's
+    canvas doubled up to it (32, 64, 128, 256 for the real model), so that
+    few shapes are ever compiled. Below an eighth a step saves little more:
+    it is bound by reading the experts' and the vocabulary's weights."""
+    size, sizes = max(1, canvas_length // 8), []
     while size < canvas_length:
         sizes.append(size)
         size *= 2

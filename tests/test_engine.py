@@ -162,9 +162,11 @@ def test_requests_join_a_running_batch_at_block_boundaries(model):
         assert tokens == run(model, [Request(prompt, noise=MLXNoise(seed), max_new_tokens=limit)])[1][0]
 
 
-def test_canvas_sizes_double_from_a_quarter_canvas():
-    assert canvas_sizes(256) == (64, 128, 256) and canvas_sizes(8) == (2, 4, 8) and canvas_sizes(2) == (1, 2)
-    assert [canvas_for(n, 256) for n in (1, 32, 64, 65, 128, 200, 256, 1000)] == [64, 64, 64, 128, 128, 256, 256, 256]
+def test_canvas_sizes_double_from_an_eighth_canvas():
+    assert canvas_sizes(256) == (32, 64, 128, 256) and canvas_sizes(16) == (2, 4, 8, 16) and canvas_sizes(2) == (1, 2)
+    assert canvas_sizes(8) == (1, 2, 4, 8)
+    assert [canvas_for(n, 256) for n in (1, 32, 33, 64, 65, 128, 200, 256, 1000)] == [32, 32, 64, 64, 128, 128, 256,
+                                                                                       256, 256]
 
 
 def test_auto_canvas_denoises_only_what_is_left(model):
@@ -173,8 +175,8 @@ def test_auto_canvas_denoises_only_what_is_left(model):
                 for i, (p, n) in enumerate(zip(prompts(model.args.vocab_size), (L + 1, 2, 3)))]
     events = list(Denoiser(model, CONFIG, MLXNoise(0), auto_canvas=True).run(requests[:1], max_batch=1))
     committed = [e for e in events if isinstance(e, Committed)]
-    assert [e.tokens.shape for e in committed] == [(1, L), (1, L // 4)] and committed[1].kept.tolist() == [1]
-    assert {d.canvas.shape for d in events if isinstance(d, Draft) and d.round == 1} == {(1, L // 4)}
+    assert [e.tokens.shape for e in committed] == [(1, L), (1, L // 8)] and committed[1].kept.tolist() == [1]
+    assert {d.canvas.shape for d in events if isinstance(d, Draft) and d.round == 1} == {(1, L // 8)}
     # A batch takes the canvas its longest remainder needs: 3 tokens fit a half canvas.
     events, tokens = [], answers(events, requests[:1])
     events = list(Denoiser(model, CONFIG, MLXNoise(0), auto_canvas=True).run(requests[1:], max_batch=2))
