@@ -9,11 +9,13 @@ seconds are the latency a user sees and its answer does not depend on the
 others. The puzzles come from a seed that no training set uses.
 """
 
+import hashlib
 import json
 import statistics
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 import mlx.core as mx
@@ -23,6 +25,7 @@ from mlx_lm.generate import generate_step
 from mlx_diffgemma.bench.engines import EncoderLM
 from mlx_diffgemma.generate import Block, stream_blocks
 from mlx_diffgemma.sampler import DEFAULT_SELF_CONDITIONING_TOP_K
+from mlx_diffgemma.sudoku import BUILTIN_MODELS
 from mlx_diffgemma.sudoku.puzzles import CELLS, Puzzle, conflicts, format_grid, is_solution, puzzles, read_answer
 
 SCHEMA = "mlxdg-bench-sudoku/1"
@@ -99,6 +102,14 @@ def summarize(runs: List[dict]) -> dict:
     return out
 
 
+def weights_digest(path: Path) -> str:
+    """SHA-256 of the checkpoint's safetensors files, in name order."""
+    digest = hashlib.sha256()
+    for file in sorted(Path(path).glob("*.safetensors")):
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
 def run(opts: SudokuOptions, progress: Callable[[str], None] = lambda line: None) -> dict:
     from mlx_diffgemma.loader import load, resolve_model_path
 
@@ -133,7 +144,9 @@ def run(opts: SudokuOptions, progress: Callable[[str], None] = lambda line: None
         results[name] = {"summary": summarize(runs), "runs": runs}
     return {
         "schema": SCHEMA,
-        "model": str(path),
+        # A built-in name, not this machine's install path; the digest names the very weights.
+        "model": opts.model if opts.model in BUILTIN_MODELS else str(path),
+        "weights_sha256": weights_digest(path),
         "options": {**asdict(opts), "givens": list(opts.givens)},
         "sampler": {k: v for k, v in asdict(sampler).items()},
         "max_denoising_steps": sampler.max_denoising_steps,

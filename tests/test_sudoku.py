@@ -1,6 +1,7 @@
 """Sudoku: the puzzle generator and checker, the model's checkpoint layout,
 `mlxdg generate` on a puzzle, the board view and `mlxdg bench --task sudoku`."""
 
+import hashlib
 import io
 import json
 import random
@@ -201,6 +202,8 @@ def test_bench_task_sudoku_reports_every_decoding(init_checkpoint, tmp_path):
     assert result["schema"] == "mlxdg-bench-sudoku/1" and plot_path.stat().st_size > 0
     assert set(result["engines"]) == {"diffusion", "diffusion (fast)", "autoregressive"}
     assert result["options"]["fast"] and result["options"]["sc_top_k"] == 32
+    assert result["model"] == str(init_checkpoint)
+    assert result["weights_sha256"] == hashlib.sha256((init_checkpoint / "model.safetensors").read_bytes()).hexdigest()
     for name in ("diffusion", "diffusion (fast)"):
         diffusion = result["engines"][name]
         assert len(diffusion["runs"]) == 2 and diffusion["summary"]["puzzles"] == 2
