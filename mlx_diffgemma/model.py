@@ -546,7 +546,9 @@ class Model(nn.Module):
         cap = self.args.final_logit_softcapping
         if not cap:
             return raw
-        out = np.divide(raw, np.float32(cap))
+        # In place on that fresh buffer: a new one per call (256 MiB for a real canvas) is faulted in each time.
+        out = raw if raw.flags.writeable else np.empty_like(raw)
+        np.divide(raw, np.float32(cap), out=out)
         np.tanh(out, out=out)
         out *= np.float32(cap)
         return out
