@@ -189,16 +189,17 @@ def measurements(model, theirs, prompt_tokens: int, top_k: int, seed: int, gathe
 
 def short_answers(model, prompt_tokens: int, max_tokens: int, steps: int, seed: int) -> Dict[str, Callable[[], None]]:
     """Time to a whole answer of ``max_tokens`` tokens (prefill included), full canvas against
-    ``canvas="auto"``, on the fast path, at ``steps`` fixed steps per block (no early stop, no EOS)."""
+    ``canvas="auto"``, on each path, at ``steps`` fixed steps per block (no early stop, no EOS)."""
     from mlx_diffgemma.bench.engines import SyntheticTokenizer
     from mlx_diffgemma.generate import batch_generate
 
     prompt = np.random.default_rng(seed).integers(0, model.args.vocab_size, prompt_tokens).tolist()
     fixed = dict(max_tokens=max_tokens, max_denoising_steps=steps, stability_threshold=steps + 1, eos_token_id=(),
-                 seed=seed, exact=False)
-    return {f"answer of {max_tokens} tokens, {canvas} canvas ({steps} steps)":
-            (lambda canvas=canvas: batch_generate(model, SyntheticTokenizer(), prompt, canvas=canvas, **fixed))
-            for canvas in ("full", "auto")}
+                 seed=seed)
+    return {f"answer of {max_tokens} tokens, {canvas} canvas, {path} ({steps} steps)":
+            (lambda canvas=canvas, exact=path == "exact":
+             batch_generate(model, SyntheticTokenizer(), prompt, canvas=canvas, exact=exact, **fixed))
+            for path in ("fast", "exact") for canvas in ("full", "auto")}
 
 
 def run_rounds(work: Dict[str, Callable[[], None]], rounds: int, progress=lambda line: None) -> Dict[str, List[float]]:

@@ -227,3 +227,15 @@ def test_mlx_vlm_built_on_our_arrays_computes_our_logits():
                                                  chunk_prefill=False)
     their_logits = theirs.diffusion_decoder_logits(canvas, their_cache)
     assert mx.allclose(their_logits, model.denoise(canvas, cache), atol=1e-4)
+
+
+def test_sidebyside_times_short_answers_on_both_paths(tmp_path):
+    from mlx_diffgemma.bench.sidebyside import BASE, main
+
+    out = tmp_path / "sidebyside.json"
+    main(["--shape", "small", "--rounds", "1", "--short-answer", "4", "--short-answer-steps", "2", "--only", "answer",
+          "--prompt-tokens", "8", "--json", str(out)])
+    seconds = json.loads(out.read_text())["seconds"]
+    answers = [f"answer of 4 tokens, {canvas} canvas, {path} (2 steps)" for path in ("fast", "exact")
+               for canvas in ("full", "auto")]
+    assert sorted(seconds) == sorted([BASE, *answers]) and all(len(v) == 1 and v[0] > 0 for v in seconds.values())
