@@ -27,4 +27,6 @@ mlxdg lora --model "$WORK/init" --train --data "$WORK/data" --fine-tune-type ful
 
 python -m mlx_diffgemma.sudoku.checkpoint export "$WORK/init" "$STATE/adapters.safetensors" \
     mlx_diffgemma/sudoku/model
-mlxdg bench --task sudoku --json mlx_diffgemma/sudoku/model/bench.json --plot training/sudoku/bench.png
+cp "$STATE/train_log.jsonl" mlx_diffgemma/sudoku/model/training_log.jsonl
+mlxdg bench --task sudoku --fast --json mlx_diffgemma/sudoku/model/bench.json --plot training/sudoku/bench.png
+mlxdg bench --task sudoku --fast --givens 36-46 --json training/sudoku/bench-36-46.json
