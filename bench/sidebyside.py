@@ -32,7 +32,8 @@ from rich.table import Table
 from mlx_diffgemma.bench.synthetic import build_diffusion_model, synthetic_args
 from mlx_diffgemma.cpu import on_cpu
 from mlx_diffgemma.engine import Denoiser, Row
-from mlx_diffgemma.sampler import DEFAULT_SELF_CONDITIONING_TOP_K, MLXNoise, SamplerConfig, one_pass, temperatures
+from mlx_diffgemma.sampler import (DEFAULT_SELF_CONDITIONING_TOP_K, MLXNoise, SamplerConfig, empty_history, one_pass,
+                                   temperatures)
 
 # The two shapes: the real per-layer widths with 2 of 30 layers, and a small one where per-step
 # overhead shows.
@@ -133,7 +134,8 @@ def measurements(model, theirs, prompt_tokens: int, top_k: int, seed: int, gathe
     fast = one_pass(previous * float(schedule[0]), float(schedule[0]), mx.zeros((1, L)), top_k, model.dtype)
     exact_soft = model.soft_embeddings(previous)
     fast_soft = model.top_k_soft_embeddings(fast.top_ids, fast.top_weights)
-    history = mx.array(fast.argmax[None].astype(mx.int32))
+    # No argmax before this one: a step whose row stopped would skip the next step's self-conditioning.
+    history = empty_history(config, 1, L)
     mx.eval(previous, exact_soft, fast_soft, history)
     t = float(schedule[1])
 
@@ -144,7 +146,11 @@ def measurements(model, theirs, prompt_tokens: int, top_k: int, seed: int, gathe
 
     def step(soft, **path):
         denoiser = Denoiser(model, config, noise, **path)
-        return lambda: denoiser.step(cache, canvas, soft, history, [Row(0)], step=2, temperature=t)
+
+        def run():
+            out = denoiser.step(cache, canvas, soft, history, [Row(0)], step=2, temperature=t)
+            assert not out.stop.any(), "a stopped row's step is not a whole one (no next self-conditioning)"
+        return run
 
     out = {
         "ours: forward, no self-conditioning": forward,
