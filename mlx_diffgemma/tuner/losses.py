@@ -86,13 +86,13 @@ class Objective:
     def __call__(self, model, batch: Batch, draws: Draws) -> Tuple[mx.array, mx.array, mx.array, mx.array]:
         """(loss, supervised canvas tokens, decoder loss, encoder loss); the
         gradient is the first's. ``self_condition`` is read on the host."""
-        hidden, context = encode(model, batch.tokens, self.grad_checkpoint)
+        hidden, kv = encode(model, batch.tokens, self.grad_checkpoint)
         canvas = corrupt(batch, draws)
         soft = None
         chosen = draws.self_condition[batch.canvas_rows]
         if chosen.any().item():
-            soft = self.self_conditioning(model, canvas, context, batch, chosen)
-        logits = model.logits(denoise(model, canvas, context, batch, soft, self.grad_checkpoint))
+            soft = self.self_conditioning(model, canvas, kv, batch, chosen)
+        logits = model.logits(denoise(model, canvas, kv, batch, soft, self.grad_checkpoint))
         decoder_loss = masked_mean(nn.losses.cross_entropy(logits, batch.canvas_targets), batch.canvas_mask)
 
         encoder_loss = mx.array(0.0)
@@ -103,10 +103,10 @@ class Objective:
         loss = decoder_loss + self.encoder_loss_weight * encoder_loss
         return loss, batch.supervised_tokens, decoder_loss, encoder_loss
 
-    def self_conditioning(self, model, canvas, context, batch: Batch, chosen: mx.array) -> mx.array:
+    def self_conditioning(self, model, canvas, kv, batch: Batch, chosen: mx.array) -> mx.array:
         """The scored pass's self-conditioning input [N, L, hidden] (zero for
         canvases not ``chosen``): the first pass's processed logits, soft-embedded."""
-        first = model.logits(denoise(model, canvas, context, batch, None, self.grad_checkpoint))
+        first = model.logits(denoise(model, canvas, kv, batch, None, self.grad_checkpoint))
         processed = mx.stop_gradient(first) / self.self_conditioning_temperature
         soft = model.soft_embeddings(processed) * chosen[:, None, None].astype(model.dtype)
         return detached(soft) if any(layer.experts.grouped for layer in model.layers) else soft
@@ -180,12 +180,12 @@ def encode(model, tokens: mx.array, checkpoint: bool = False):
     S = tokens.shape[1]
     masks = {None: create_causal_mask(S), model.args.sliding_window: create_causal_mask(S, window_size=model.args.sliding_window)}
     x = model._embed(tokens)
-    context = []
+    kv = []
     for layer, scalar in zip(decoder.layers, scalars):
         window = layer.self_attn.window
         x, keys, values = _call(layer, _encoder_layer, checkpoint, x, masks[window], scalar.layer_scalar)
-        context.append((keys, values))
-    return decoder.norm(x), context
+        kv.append((keys, values))
+    return decoder.norm(x), kv
 
 
 def context_mask(batch: Batch, positions: int, canvas_length: int, window: Optional[int]) -> mx.array:
@@ -201,10 +201,10 @@ def context_mask(batch: Batch, positions: int, canvas_length: int, window: Optio
     return mx.concatenate([before, canvas], axis=1)[:, None, None, :]
 
 
-def denoise(model, canvas: mx.array, context, batch: Batch, soft_embeddings: Optional[mx.array],
+def denoise(model, canvas: mx.array, kv, batch: Batch, soft_embeddings: Optional[mx.array],
             checkpoint: bool = False) -> mx.array:
     """The decoder's final-norm outputs [N, L, hidden] for the corrupted
-    ``canvas``, each canvas after its own context."""
+    ``canvas``, each canvas after its own context (``kv``: ``encode``'s keys and values)."""
     decoder = model.model.decoder
     N, L = canvas.shape
     rows = batch.canvas_rows
@@ -212,7 +212,7 @@ def denoise(model, canvas: mx.array, context, batch: Batch, soft_embeddings: Opt
     positions = batch.tokens.shape[1]
     masks = {}
     x = model.decoder_inputs(canvas, soft_embeddings)
-    for layer, (keys, values) in zip(decoder.layers, context):
+    for layer, (keys, values) in zip(decoder.layers, kv):
         window = layer.self_attn.window
         if window not in masks:
             masks[window] = context_mask(batch, positions, L, window)
