@@ -239,3 +239,16 @@ def test_sidebyside_times_short_answers_on_both_paths(tmp_path):
     answers = [f"answer of 4 tokens, {canvas} canvas, {path} (2 steps)" for path in ("fast", "exact")
                for canvas in ("full", "auto")]
     assert sorted(seconds) == sorted([BASE, *answers]) and all(len(v) == 1 and v[0] > 0 for v in seconds.values())
+
+
+def test_reference_step_times_transformers_at_our_shape():
+    from mlx_diffgemma.bench.reference_step import measure, reference_model
+
+    model, args = reference_model("tiny", 2)
+    text = model.config.text_config
+    assert (text.hidden_size, text.num_experts, text.vocab_size, text.num_hidden_layers) == (
+        args.hidden_size, args.num_experts, args.vocab_size, 2)
+    result = measure("tiny", 2, rounds=1, prompt_tokens=8)
+    assert set(result["seconds"]) == {"forward, no self-conditioning", "forward with self-conditioning",
+                                      "commit (encode one block)"}
+    assert all(len(v) == 1 and v[0] > 0 for v in result["seconds"].values())
