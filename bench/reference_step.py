@@ -20,11 +20,10 @@ import time
 from dataclasses import asdict
 
 from mlx_diffgemma.bench.synthetic import synthetic_args
+from mlx_diffgemma.sudoku.checkpoint import VISION_CONFIG  # a tiny vision tower; the text model never runs it
 
 # Fields of our ModelArgs that are not entries of the reference's text config.
 NOT_TEXT_CONFIG = ("model_type", "canvas_length")
-VISION_CONFIG = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                     num_key_value_heads=2, head_dim=8, patch_size=4, pooling_kernel_size=2, position_embedding_size=64)
 
 
 def reference_model(shape: str, layers: int):

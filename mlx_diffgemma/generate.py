@@ -125,8 +125,8 @@ def stream_blocks(
     (one pass over the logits, self-conditioning from the ``top_k`` most
     likely tokens of each position, 32 by default). ``canvas="auto"`` denoises
     a shorter canvas when fewer tokens than a canvas remain (an eighth, a
-    quarter, a half or the whole one), so a short answer costs less; "full" always denoises
-    the model's whole canvas, as the reference does.
+    quarter, a half or the whole one), so a short answer costs less; "full"
+    always denoises the model's whole canvas, as the reference does.
     """
     if canvas not in ("full", "auto"):
         raise ValueError(f"canvas must be 'full' or 'auto', not {canvas!r}")
