@@ -14,13 +14,12 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion, PreTrainedTokenizerFast
 
+from mlx_diffgemma.sudoku.checkpoint import VISION_CONFIG
+
 _ROPE = {
     "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
     "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6},
 }
-_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-               num_key_value_heads=2, head_dim=8, patch_size=4, pooling_kernel_size=2,
-               position_embedding_size=64)
 
 # Window 4 is shorter than the test prompts, so the W-1 sliding cache matters.
 CONFIGS = {
@@ -83,7 +82,7 @@ def build_model(config: str = "two_layer", seed: int = 0, canvas_length: int = 8
                 tie_word_embeddings=True, rope_parameters=_ROPE)
     text.update(overrides)
     vocab = text["vocab_size"]
-    cfg = DiffusionGemmaConfig(text_config=text, vision_config=_VISION, canvas_length=canvas_length,
+    cfg = DiffusionGemmaConfig(text_config=text, vision_config=VISION_CONFIG, canvas_length=canvas_length,
                                image_token_id=vocab - 1, boi_token_id=vocab - 3, eoi_token_id=vocab - 2)
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(cfg).eval()
