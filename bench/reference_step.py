@@ -16,9 +16,9 @@ import json
 import os
 import statistics
 import sys
-import time
 from dataclasses import asdict
 
+from mlx_diffgemma.bench.sidebyside import run_rounds
 from mlx_diffgemma.bench.synthetic import synthetic_args
 from mlx_diffgemma.sudoku.checkpoint import VISION_CONFIG  # a tiny vision tower; the text model never runs it
 
@@ -50,7 +50,6 @@ def measure(shape: str, layers: int, rounds: int, prompt_tokens: int = 128, prog
     g = torch.Generator().manual_seed(1)
     prompt, canvas, block = (torch.randint(0, V, (1, n), generator=g) for n in (prompt_tokens, L, L))
     cache = DynamicCache(config=model.config.text_config)
-    times = {"forward, no self-conditioning": [], "forward with self-conditioning": [], "commit (encode one block)": []}
     with torch.no_grad():
         model(input_ids=prompt, cache=cache, decoder_input_ids=canvas)  # the prompt into the cache
         previous = model(cache=cache, decoder_input_ids=canvas).logits
@@ -60,16 +59,12 @@ def measure(shape: str, layers: int, rounds: int, prompt_tokens: int = 128, prog
             model.model.encoder(input_ids=block, cache=grown)
             assert grown.get_seq_length() == prompt_tokens + L
 
-        work = dict(zip(times, (lambda: model(cache=cache, decoder_input_ids=canvas),
-                                lambda: model(cache=cache, decoder_input_ids=canvas, self_conditioning_logits=previous),
-                                commit)))
-        for r in range(rounds + 1):
-            for name, fn in work.items():
-                start = time.perf_counter()
-                fn()
-                if r:
-                    times[name].append(time.perf_counter() - start)
-                    progress(f"  {name}: {times[name][-1]:.3f} s")
+        times = run_rounds({
+            "forward, no self-conditioning": lambda: model(cache=cache, decoder_input_ids=canvas),
+            "forward with self-conditioning":
+                lambda: model(cache=cache, decoder_input_ids=canvas, self_conditioning_logits=previous),
+            "commit (encode one block)": commit,
+        }, rounds, progress)
     return {"shape": shape, "layers": layers, "rounds": rounds, "torch_threads": torch.get_num_threads(),
             "seconds": times, "median_seconds": {k: statistics.median(v) for k, v in times.items()}}
 
