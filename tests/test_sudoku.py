@@ -130,6 +130,22 @@ def test_init_checkpoint_loads_in_transformers_and_here_with_the_same_tokens(ini
     np.testing.assert_allclose(np.array(logits), expected.numpy(), atol=1e-4)
 
 
+def test_init_takes_architecture_overrides_and_refuses_a_bad_one(tmp_path):
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 1696.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1e6}}
+    out = tmp_path / "init"
+    ran = CliRunner().invoke(app, ["sudoku", "init", str(out), "--set", "num_hidden_layers=2",
+                                   "--set", 'layer_types=["sliding_attention","full_attention"]',
+                                   "--set", "rope_parameters=" + json.dumps(rope, separators=(",", ":"))])
+    assert ran.exit_code == 0, ran.output
+    text = json.loads((out / "config.json").read_text())["text_config"]
+    assert text["num_hidden_layers"] == 2 and text["rope_parameters"] == rope
+    for bad in ("hidden=3", "hidden_size", "hidden_size=[1"):
+        refused = CliRunner().invoke(app, ["sudoku", "init", str(tmp_path / "bad"), "--set", bad])
+        assert refused.exit_code == 2 and bad in refused.output
+    assert not (tmp_path / "bad").exists()
+
+
 def test_export_writes_trained_weights_back_in_the_init_layout(init_checkpoint, tmp_path):
     from mlx.utils import tree_flatten
     from safetensors.numpy import load_file

@@ -103,6 +103,20 @@ def write_init(out: Path, seed: int = 0, **overrides) -> Path:
     return out
 
 
+def parse_overrides(items) -> dict:
+    """``KEY=JSON`` strings as text-config overrides; ValueError names the bad one."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in TEXT_CONFIG:
+            raise ValueError(f"{item!r}: not KEY=JSON with KEY one of the text config's entries")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{item!r}: the value is not JSON ({e.msg})") from None
+    return overrides
+
+
 def hf_key(key: str) -> str:
     """The Hugging Face name of one of our parameters (``Model.sanitize`` inverted)."""
     if key.endswith(("experts.gate_up_proj.weight", "experts.down_proj.weight")):
@@ -153,8 +167,7 @@ def main():
     exp.add_argument("out", type=Path)
     args = parser.parse_args()
     if args.command == "init":
-        overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
-        print(write_init(args.out, args.seed, **overrides))
+        print(write_init(args.out, args.seed, **parse_overrides(args.set)))
     else:
         from safetensors.numpy import load_file
 

@@ -1,6 +1,7 @@
 """``mlxdg sudoku ...``: the Sudoku model's data and checkpoint tools."""
 
 from pathlib import Path
+from typing import List
 
 import typer
 
@@ -31,8 +32,14 @@ def data(
 def init(
     out: Path = typer.Argument(..., help="Directory to write the checkpoint to."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random init."),
+    set_: List[str] = typer.Option([], "--set", metavar="KEY=JSON", help="Override an entry of the text config "
+                                   "(an architecture probe), e.g. --set num_hidden_layers=4; repeatable."),
 ):
     """Write the Sudoku model's architecture from a random init (needs torch and transformers): what `mlxdg lora --fine-tune-type full` starts from."""
-    from .checkpoint import write_init
+    from .checkpoint import parse_overrides, write_init
 
-    typer.echo(write_init(out, seed))
+    try:
+        overrides = parse_overrides(set_)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--set") from None
+    typer.echo(write_init(out, seed, **overrides))
