@@ -48,8 +48,8 @@ TEXT_CONFIG = dict(
     pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS, use_bidirectional_attention="vision",
     hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
     rope_parameters={
-        # A short base: the cells a sliding head must tell apart are at most ~200 positions apart.
-        "sliding_attention": {"rope_type": "default", "rope_theta": 315.0},
+        # 1696 ~ (2 pi / 10) ** -16: one rotation repeats every 10 positions, a column's stride.
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1696.0},
         "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6},
     },
 )
@@ -167,7 +167,11 @@ def main():
     exp.add_argument("out", type=Path)
     args = parser.parse_args()
     if args.command == "init":
-        print(write_init(args.out, args.seed, **parse_overrides(args.set)))
+        try:
+            overrides = parse_overrides(args.set)
+        except ValueError as e:
+            parser.error(str(e))
+        print(write_init(args.out, args.seed, **overrides))
     else:
         from safetensors.numpy import load_file
 

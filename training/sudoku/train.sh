@@ -4,7 +4,7 @@
 #
 #   training/sudoku/train.sh            # start, or resume when state/adapters.safetensors exists
 #   ITERS=4000 training/sudoku/train.sh # the schedule's length (keep it when resuming)
-#   STATE=DIR INIT=DIR INIT_SET="KEY=JSON ..." train.sh  # another architecture (next/train.sh)
+#   STATE=DIR INIT=DIR INIT_SET="KEY=JSON ..." train.sh  # a probe: another architecture, elsewhere
 #
 # Then it exports the weights into the package and benches them. Data and init are rebuilt from
 # their seeds, so nothing but the trainer's state needs committing.
@@ -18,7 +18,8 @@ read -r -a init_set <<< "${INIT_SET:-}"
 
 [ -f "$WORK/data/train.jsonl" ] || mlxdg sudoku data "$WORK/data" --train 60000 --valid 200 --test 200 \
     --givens 45-50 --seed 100
-[ -f "$INIT/model.safetensors" ] || mlxdg sudoku init "$INIT" --seed 0 "${init_set[@]/#/--set=}"
+# Always rebuilt (seconds, the same bits from the same seed): a kept one may predate the architecture.
+mlxdg sudoku init "$INIT" --seed 0 "${init_set[@]/#/--set=}" > /dev/null
 
 resume=()
 [ -f "$STATE/adapters.safetensors" ] && resume=(--resume-adapter-file "$STATE/adapters.safetensors")
