@@ -4,7 +4,8 @@
 #
 #   training/sudoku/train.sh            # start, or resume when state/adapters.safetensors exists
 #   ITERS=4000 training/sudoku/train.sh # the schedule's length (keep it when resuming)
-#   STATE=DIR INIT=DIR INIT_SET="KEY=JSON ..." train.sh  # a probe: another architecture, elsewhere
+#   STATE=DIR INIT=DIR INIT_SET="KEY=JSON ..." train.sh  # another architecture (it too ends by
+#                                                         # replacing the packaged model)
 #
 # Then it exports the weights into the package and benches them. Data and init are rebuilt from
 # their seeds, so nothing but the trainer's state needs committing.
